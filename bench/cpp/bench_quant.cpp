@@ -1,0 +1,42 @@
+// effx C++ benchmark: group-wise quantization CPU kernel, torch-free. Prints time, bytes
+// moved, GB/s and the fraction of the measured host copy bandwidth per shape.
+#include <cstdio>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "effx/quant.h"
+#include "timing.h"
+
+int main() {
+  const int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const double roof = effx_bench::host_copy_gbps();
+  std::printf("host copy roof: %.1f GB/s, threads: %d\n", roof, threads);
+  std::printf("%-10s %5s %5s %10s %10s %8s %7s\n", "op", "bits", "G", "elements", "ms", "GB/s", "roof%");
+  const int64_t cols = 4096, rows = 4096;  // 16M fp32 values
+  std::vector<float> x(rows * cols);
+  std::mt19937 rng(0);
+  std::normal_distribution<float> dist;
+  for (auto& v : x) v = dist(rng);
+  for (int bits : {2, 4, 8}) {
+    const int group = 32;
+    effx::QuantShape s{rows, cols, cols, bits, group};
+    std::vector<int32_t> codes(rows * effx::quant_words_per_row(cols, bits));
+    std::vector<float> scale(rows * cols / group), zero(rows * cols / group), out(rows * cols);
+    const double bytes_q = 4.0 * x.size() + 4.0 * codes.size() + 8.0 * scale.size();
+    const double tq = effx_bench::median_seconds([&] {
+      effx::cpu::quantize(s, effx::DType::Float32, x.data(), codes.data(), scale.data(),
+                          zero.data(), threads);
+    });
+    const double td = effx_bench::median_seconds([&] {
+      effx::cpu::dequantize(s, codes.data(), effx::DType::Float32, scale.data(), zero.data(),
+                            effx::DType::Float32, out.data(), threads);
+    });
+    for (auto [name, t] : {std::pair{"quantize", tq}, std::pair{"dequantize", td}}) {
+      const double gbps = bytes_q / t / 1e9;
+      std::printf("%-10s %5d %5d %10zu %10.3f %8.1f %6.1f%%\n", name, bits, group, x.size(),
+                  t * 1e3, gbps, 100.0 * gbps / roof);
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,40 @@
+// effx._C: the Python extension module. Importing it registers every torch.ops.effx operator
+// (static initializers in csrc/ops); the pybind11 functions here describe the build.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = EFFX_VERSION;
+  info["torch_version"] = EFFX_TORCH_VERSION;
+#ifdef EFFX_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = EFFX_CUDA_ARCHS;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+  info["openmp_max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = false;
+  info["openmp_max_threads"] = 1;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "effx compiled extension: torch.ops.effx operators and build information";
+  m.def("build_info", &build_info, "What this build of effx was compiled with.");
+}

@@ -1,0 +1,31 @@
+// effx: device-side fp32 conversions for the storage dtypes of include/effx/dtype.h.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace effx {
+namespace cuda {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Grid size for a grid-stride loop over `work` items: enough blocks to fill the device
+// several times over, capped so the launch stays legal.
+inline unsigned int grid_for(long long work, int block) {
+  const long long blocks = (work + block - 1) / block;
+  return static_cast<unsigned int>(blocks < 65535LL * 32 ? (blocks > 0 ? blocks : 1) : 65535LL * 32);
+}
+
+}  // namespace cuda
+}  // namespace effx

@@ -1,0 +1,3 @@
+from effx.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""Benchmark harness shared by every effx family.
+
+Timing is the median of many runs after warm-up (CUDA events on GPU, perf_counter on CPU).
+Roofs are measured here, on this machine: copy bandwidth from a large tensor copy and the
+matmul rate from a large matmul, so "% of roof" always refers to the hardware in use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+import effx
+
+
+def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, runs: int = 20,
+                min_seconds: float = 0.0) -> float:
+    """Median seconds of one call of ``fn`` (after ``warmup`` calls).
+
+    ``min_seconds`` extends the run count for very fast calls so the median is stable.
+    """
+    for _ in range(warmup):
+        fn()
+    cuda = device.type == "cuda"
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < runs or spent < min_seconds:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            t = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            t = time.perf_counter() - t0
+        times.append(t)
+        spent += t
+        if len(times) >= 10 * runs:
+            break
+    return statistics.median(times)
+
+
+@dataclasses.dataclass
+class Roofs:
+    device: str
+    copy_gbps: float  # bytes read + written per second by a large copy
+    matmul_tflops: float  # dense matmul rate in the dtype named below
+    matmul_dtype: str
+
+    @property
+    def ridge_flop_per_byte(self) -> float:
+        return self.matmul_tflops * 1e12 / (self.copy_gbps * 1e9)
+
+
+_ROOFS: dict[str, Roofs] = {}
+
+
+def measure_roofs(device: torch.device) -> Roofs:
+    """Measure (once per process) the copy bandwidth and matmul rate of ``device``."""
+    key = str(device)
+    if key in _ROOFS:
+        return _ROOFS[key]
+    cuda = device.type == "cuda"
+    nbytes = (1 << 30) if cuda else (256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t_copy = median_time(lambda: dst.copy_(src), device, warmup=2, runs=10)
+    del src, dst
+    dtype = torch.bfloat16 if cuda else torch.float32
+    n = 8192 if cuda else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t_mm = median_time(lambda: a @ b, device, warmup=2, runs=10)
+    roofs = Roofs(device=device_name(device), copy_gbps=2 * nbytes / t_copy / 1e9,
+                  matmul_tflops=2 * n**3 / t_mm / 1e12, matmul_dtype=str(dtype).replace("torch.", ""))
+    _ROOFS[key] = roofs
+    return roofs
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+@dataclasses.dataclass
+class Record:
+    """One measured case: effx against the plain-PyTorch baseline on the same inputs."""
+
+    family: str
+    op: str
+    shape: dict
+    dtype: str
+    device: str
+    time_s: float
+    bytes: float  # bytes the op must move at least (inputs read once, outputs written once)
+    flops: float
+    baseline: str
+    baseline_time_s: float
+    roofs: Roofs
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.time_s / 1e9
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / self.time_s / 1e12
+
+    @property
+    def roof_fraction(self) -> float:
+        """Fraction of the binding roof: memory for low arithmetic intensity, else compute."""
+        t_mem = self.bytes / (self.roofs.copy_gbps * 1e9)
+        t_cmp = self.flops / (self.roofs.matmul_tflops * 1e12)
+        return max(t_mem, t_cmp) / self.time_s
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_time_s / self.time_s
+
+    def to_json(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "roofs"}
+        d.update(gbps=self.gbps, tflops=self.tflops, roof_fraction=self.roof_fraction, speedup=self.speedup)
+        return d
+
+
+def format_table(records: list[Record]) -> str:
+    """A fixed-width table, one row per record."""
+    head = f"{'family':<7} {'op':<11} {'shape':<34} {'dtype':<9} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'roof%':>6} {'base ms':>9} {'speedup':>8}"
+    rows = [head, "-" * len(head)]
+    for r in records:
+        shape = ",".join(f"{k}={v}" for k, v in r.shape.items())
+        rows.append(
+            f"{r.family:<7} {r.op:<11} {shape:<34.34} {r.dtype:<9} {r.time_s * 1e3:>9.3f} {r.gbps:>8.1f} "
+            f"{r.tflops:>8.3f} {100 * r.roof_fraction:>5.1f}% {r.baseline_time_s * 1e3:>9.3f} {r.speedup:>7.2f}x"
+        )
+    return "\n".join(rows)
+
+
+def git_commit() -> str:
+    """The commit of the effx source tree measured (or 'unknown' outside a checkout)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cwd in (os.getcwd(), here):
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return "unknown"
+
+
+def write_json(path: str, records: list[Record]) -> None:
+    roofs = {r.roofs.device: dataclasses.asdict(r.roofs) for r in records}
+    doc = {
+        "effx_version": effx.__version__,
+        "commit": git_commit(),
+        "torch_version": torch.__version__,
+        "build": effx.build_info(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "roofs": list(roofs.values()),
+        "records": [r.to_json() for r in records],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
