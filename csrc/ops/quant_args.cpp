@@ -64,7 +64,8 @@ DequantizeCall prepare_dequantize(const at::Tensor& codes, const at::Tensor& sca
   const int64_t cols = scale.size(-1) * group_size;
   auto expected = scale.sizes().vec();
   expected.back() = quant_words_per_row(cols, static_cast<int>(bits));
-  EFFX_CHECK(codes.sizes() == at::IntArrayRef(expected), op, "codes must have shape ", expected,
+  EFFX_CHECK(codes.sizes() == at::IntArrayRef(expected), op, "codes must have shape ",
+             at::IntArrayRef(expected),
              " for scale of shape ", scale.sizes(), " at ", bits, " bits and group_size ",
              group_size, ", got ", codes.sizes());
 

@@ -66,4 +66,14 @@ template <> inline BFloat16 from_float<BFloat16>(float x) {
   return BFloat16{static_cast<uint16_t>((f + 0x7fffu + ((f >> 16) & 1u)) >> 16)};
 }
 
+// Smallest value of T that is >= x, for finite x >= 0: a quantization scale rounded up keeps
+// (max - min) / scale <= 2^bits - 1, so no value is clamped and every one lies within half a
+// step of its dequantized value.
+template <typename T> inline T from_float_up(float x) {
+  T t = from_float<T>(x);
+  if (to_float(t) < x) ++t.bits;
+  return t;
+}
+template <> inline float from_float_up<float>(float x) { return x; }
+
 }  // namespace effx

@@ -5,10 +5,12 @@
 // words along the row: value j of a row lives in word j / (32 / bits) at bit offset
 // bits * (j % (32 / bits)); every row starts on a word boundary (the last word of a row is
 // zero-padded). Per group: scale = (max - min) / (2^bits - 1) and zero = min, both stored in
-// the dtype of x (dequantize accepts any parameter dtype); codes are computed against the
-// scale as stored, so dequantizing with the stored values is consistent. A constant group
+// the dtype of x (dequantize accepts any parameter dtype). The scale is rounded UP to that
+// dtype and the codes are computed against the scale as stored, so no value is clamped and
+// every value is within half a step of its dequantized value. A constant group
 // (or one whose scale is not a normal fp32 number) stores scale 0 and codes 0, so it
-// dequantizes exactly to q * 0 + min and never produces NaN.
+// dequantizes exactly to q * 0 + min and never produces NaN. Domain: finite values whose
+// group range max - min is finite in fp32 (always so for fp16/bf16, and for |x| < 1.7e38).
 #pragma once
 
 #include <cstdint>

@@ -16,8 +16,9 @@ def quantize(x: torch.Tensor, bits: int = 2, group_size: int = 32) -> tuple[torc
     The last dim of ``x`` is split into groups of ``group_size`` consecutive values. Per
     group, ``scale = (max - min) / (2**bits - 1)`` and ``zero = min``; each value becomes the
     code ``round(clamp((x - zero) / scale, 0, 2**bits - 1))`` (round half to even), computed
-    against the scale as stored. A constant group stores ``scale = 0`` and codes 0, so it
-    dequantizes exactly.
+    against the scale as stored. The scale is rounded up to the dtype of ``x``, so every value
+    is within ``scale / 2`` of its dequantized value. A constant group stores ``scale = 0`` and
+    codes 0, so it dequantizes exactly.
 
     Args:
         x: float32, float16 or bfloat16 tensor of shape ``[..., N]`` on CPU or CUDA; any

@@ -69,7 +69,7 @@ void quantize_impl(const QuantShape& s, const T* x, int32_t* codes, T* scale, T*
           mn = xi < mn ? xi : mn;
           mx = xi > mx ? xi : mx;
         }
-        const T stored = from_float<T>((mx - mn) / kMaxCode);
+        const T stored = from_float_up<T>((mx - mn) / kMaxCode);
         float sc = to_float(stored);
         const bool usable = sc >= FLT_MIN && sc <= FLT_MAX;
         sc = usable ? sc : 0.0f;

@@ -20,6 +20,16 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(x);
 }
 
+// Smallest T >= x (for the quantization scale; see from_float_up in include/effx/dtype.h).
+template <typename T> __device__ __forceinline__ T from_float_up(float x);
+template <> __device__ __forceinline__ float from_float_up<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float_up<__half>(float x) {
+  return __float2half_ru(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float_up<__nv_bfloat16>(float x) {
+  return __float2bfloat16_ru(x);
+}
+
 // Grid size for a grid-stride loop over `work` items: enough blocks to fill the device
 // several times over, capped so the launch stays legal.
 inline unsigned int grid_for(long long work, int block) {

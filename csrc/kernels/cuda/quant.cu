@@ -38,7 +38,7 @@ __global__ void quantize_kernel(QuantShape s, long long unit, long long units_pe
         mn = fminf(mn, v);
         mx = fmaxf(mx, v);
       }
-      float sc = to_float(from_float<T>((mx - mn) / kMaxCode));
+      float sc = to_float(from_float_up<T>((mx - mn) / kMaxCode));
       const bool usable = sc >= FLT_MIN && sc <= FLT_MAX;
       sc = usable ? sc : 0.0f;
       const float inv = usable ? 1.0f / sc : 0.0f;

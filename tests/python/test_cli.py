@@ -1,0 +1,48 @@
+"""The effx command line: info, bench (JSON output) and demo run and say what they measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import effx
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "effx", *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_info_reports_build():
+    text = _run("info")
+    assert f"effx {effx.__version__}" in text
+    info = effx.build_info()
+    assert ("compiled for sm" in text) == info["cuda"]
+    assert f"max threads {info['openmp_max_threads']}" in text
+
+
+def test_bench_quant_writes_json(tmp_path):
+    path = tmp_path / "quant.json"
+    text = _run("bench", "quant", "--quick", "--device", "cpu", "--json", str(path))
+    assert "quantize" in text and "dequantize" in text
+    doc = json.loads(path.read_text())
+    assert doc["effx_version"] == effx.__version__ and doc["roofs"][0]["copy_gbps"] > 0
+    records = doc["records"]
+    assert {r["op"] for r in records} == {"quantize", "dequantize"}
+    assert {r["shape"]["bits"] for r in records} == {2, 4, 8}
+    for r in records:
+        assert r["time_s"] > 0 and r["baseline_time_s"] > 0 and r["bytes"] > 0
+        assert abs(r["gbps"] - r["bytes"] / r["time_s"] / 1e9) < 1e-6 * r["gbps"]
+
+
+def test_bench_rejects_unknown_family():
+    out = subprocess.run([sys.executable, "-m", "effx", "bench", "nope"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown family nope" in out.stderr
+
+
+def test_demo_prints_table():
+    text = _run("demo", "--device", "cpu")
+    assert "quantize 2-bit, G=32" in text and "rel. error" in text
+    assert "KIVI-2" in text and "not built yet" in text
