@@ -3,7 +3,7 @@
 # CUDA packages (DESIGN.md section 3), then import it and run its CPU paths.
 # Usage: .ci/cuda_build.sh VENV_DIR   (created if missing; reused when already set up)
 set -euo pipefail
-venv=${1:?usage: .ci/cuda_build.sh VENV_DIR}
+venv=$(realpath -m "${1:?usage: .ci/cuda_build.sh VENV_DIR}")
 root=$(cd "$(dirname "$0")/.." && pwd)
 
 if [ ! -x "$venv/bin/python" ]; then
