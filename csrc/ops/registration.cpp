@@ -11,4 +11,23 @@ TORCH_LIBRARY(effx, m) {
   m.def(
       "dequantize(Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, "
       "ScalarType dtype) -> Tensor");
+
+  // Fused attention over a KV cache plus the step's new tokens, one softmax over both
+  // (include/effx/attention.h). Returns (out [B, Hq, Tq, D], lse [B, Hq, Tq] fp32).
+  m.def(
+      "dense_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor k_cache, Tensor v_cache, "
+      "Tensor lengths, Tensor? new_lengths, Tensor? parents, bool causal, float sm_scale) "
+      "-> (Tensor out, Tensor lse)");
+
+  // KIVI 2/4-bit KV cache (SPECS.md section 2; storage layout in include/effx/kivi.h).
+  m.def(
+      "kivi_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor k_codes, Tensor k_scale, "
+      "Tensor k_zero, Tensor v_codes, Tensor v_scale, Tensor v_zero, Tensor k_res, Tensor v_res, "
+      "Tensor state, Tensor? new_lengths, Tensor? parents, int bits, int group_size, bool causal, "
+      "float sm_scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "kivi_append_(Tensor k_new, Tensor v_new, Tensor(a!) k_codes, Tensor(b!) k_scale, "
+      "Tensor(c!) k_zero, Tensor(d!) v_codes, Tensor(e!) v_scale, Tensor(f!) v_zero, "
+      "Tensor(g!) k_res, Tensor(h!) v_res, Tensor(i!) state, Tensor? new_lengths, int bits, "
+      "int group_size) -> ()");
 }

@@ -19,3 +19,24 @@ def _quantize_fake(x, bits, group_size):
 @torch.library.register_fake("effx::dequantize")
 def _dequantize_fake(codes, scale, zero, bits, group_size, dtype):
     return scale.new_empty(tuple(scale.shape[:-1]) + (scale.shape[-1] * group_size,), dtype=dtype)
+
+
+def _attention_fake(q):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("effx::dense_attention")
+def _dense_attention_fake(q, k_new, v_new, k_cache, v_cache, lengths, new_lengths, parents, causal, sm_scale):
+    return _attention_fake(q)
+
+
+@torch.library.register_fake("effx::kivi_attention")
+def _kivi_attention_fake(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res,
+                         state, new_lengths, parents, bits, group_size, causal, sm_scale):
+    return _attention_fake(q)
+
+
+@torch.library.register_fake("effx::kivi_append_")
+def _kivi_append_fake(k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, state,
+                      new_lengths, bits, group_size):
+    return None

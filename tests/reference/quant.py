@@ -64,3 +64,30 @@ def unpack_ref(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(per_word, dtype=torch.int64) * bits
     codes = (w.unsqueeze(-1) >> shifts) & (2**bits - 1)
     return codes.reshape(*words.shape[:-1], -1)[..., :n]
+
+
+def quantize_like_effx(x: torch.Tensor, bits: int, group_size: int):
+    """The same quantization with effx's documented arithmetic (include/effx/quant.h): scale
+    from the fp32 range divided in fp32 and rounded up to x.dtype, codes as
+    round_half_even((x - min) * (1 / scale)) in fp32. Returns float64 dequantized values, so
+    references built on it agree with the kernels to fp32 rounding instead of up to one
+    quantization step at rounding ties."""
+    qmax = 2**bits - 1
+    groups = x.float().reshape(*x.shape[:-1], -1, group_size)
+    mn = groups.amin(-1, keepdim=True)
+    mx = groups.amax(-1, keepdim=True)
+    scale = round_up_from_fp32((mx - mn) / qmax, x.dtype).float()
+    usable = scale >= FP32_TINY
+    scale = torch.where(usable, scale, torch.zeros_like(scale))
+    inv = torch.where(usable, 1.0 / torch.where(usable, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+    codes = ((groups - mn) * inv).clamp(0, qmax).round()
+    return (codes.double() * scale.double() + mn.double()).reshape(x.shape)
+
+
+def round_up_from_fp32(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Smallest value of ``dtype`` >= v (v fp32, >= 0)."""
+    if dtype == torch.float32:
+        return v
+    t = v.to(dtype)
+    bumped = (t.view(torch.int16) + 1).view(dtype)
+    return torch.where(t.float() < v, bumped, t)

@@ -3,9 +3,9 @@
 // so that every unit owns whole groups and whole output words: threads never share a word.
 #include "effx/quant.h"
 
+#include "quant_span.h"
+
 #include <algorithm>
-#include <cfloat>
-#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -32,68 +32,27 @@ int threads_for(const QuantShape& s, int num_threads) {
   return s.rows * s.cols < kSerialWork ? 1 : std::max(1, num_threads);
 }
 
-// Round to nearest even for 0 <= v < 2^22 without a libm call, so the loop vectorizes with
-// plain SSE2: adding 1.5 * 2^23 pushes the fraction out of the mantissa.
-inline float round_small_nonnegative(float v) {
-  constexpr float kMagic = 12582912.0f;
-  return (v + kMagic) - kMagic;
-}
-
 template <typename T, int BITS>
 void quantize_impl(const QuantShape& s, const T* x, int32_t* codes, T* scale, T* zero,
                    int num_threads) {
   constexpr int kPerWord = 32 / BITS;
-  constexpr float kMaxCode = static_cast<float>((1 << BITS) - 1);
   const Units units = make_units(s);
-  const int64_t G = s.group_size;
   const int64_t words_per_row = quant_words_per_row(s.cols, BITS);
-  const int64_t groups_per_row = s.cols / G;
+  const int64_t groups_per_row = s.cols / s.group_size;
 
 #pragma omp parallel num_threads(threads_for(s, num_threads))
   {
     std::vector<float> values(units.size);
-    std::vector<uint32_t> q(units.size + kPerWord, 0u);
+    std::vector<uint32_t> q(units.size + kPerWord);
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < units.total; ++u) {
       const int64_t row = u / units.per_row;
       const int64_t begin = (u % units.per_row) * units.size;
       const int64_t end = std::min(begin + units.size, s.cols);
-      const T* xr = x + row * s.x_row_stride;
-      for (int64_t g0 = begin; g0 < end; g0 += G) {
-        float* v = values.data() + (g0 - begin);
-        float mn = std::numeric_limits<float>::infinity();
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < G; ++i) {
-          const float xi = to_float(xr[g0 + i]);
-          v[i] = xi;
-          mn = xi < mn ? xi : mn;
-          mx = xi > mx ? xi : mx;
-        }
-        const T stored = from_float_up<T>((mx - mn) / kMaxCode);
-        float sc = to_float(stored);
-        const bool usable = sc >= FLT_MIN && sc <= FLT_MAX;
-        sc = usable ? sc : 0.0f;
-        const float inv = usable ? 1.0f / sc : 0.0f;
-        const int64_t gi = row * groups_per_row + g0 / G;
-        scale[gi] = from_float<T>(sc);
-        zero[gi] = from_float<T>(mn);
-        uint32_t* qg = q.data() + (g0 - begin);
-        for (int64_t i = 0; i < G; ++i) {
-          float c = (v[i] - mn) * inv;
-          c = c < 0.0f ? 0.0f : c;
-          c = c > kMaxCode ? kMaxCode : c;
-          qg[i] = static_cast<uint32_t>(static_cast<int32_t>(round_small_nonnegative(c)));
-        }
-      }
-      // Codes past the end of the row pad the last word with zeros.
-      std::fill(q.begin() + (end - begin), q.begin() + (end - begin) + kPerWord, 0u);
-      int32_t* out = codes + row * words_per_row + begin / kPerWord;
-      const int64_t words = (end - begin + kPerWord - 1) / kPerWord;
-      for (int64_t w = 0; w < words; ++w) {
-        uint32_t acc = 0;
-        for (int j = 0; j < kPerWord; ++j) acc |= q[w * kPerWord + j] << (BITS * j);
-        out[w] = static_cast<int32_t>(acc);
-      }
+      const int64_t g = row * groups_per_row + begin / s.group_size;
+      quantize_span<T, BITS>(x + row * s.x_row_stride + begin, end - begin, s.group_size,
+                             codes + row * words_per_row + begin / kPerWord, scale + g, zero + g,
+                             values.data(), q.data());
     }
   }
 }
@@ -102,29 +61,18 @@ template <typename P, typename O, int BITS>
 void dequantize_impl(const QuantShape& s, const int32_t* codes, const P* scale, const P* zero,
                      O* out, int num_threads) {
   constexpr int kPerWord = 32 / BITS;
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
   const Units units = make_units(s);
-  const int64_t G = s.group_size;
   const int64_t words_per_row = quant_words_per_row(s.cols, BITS);
-  const int64_t groups_per_row = s.cols / G;
+  const int64_t groups_per_row = s.cols / s.group_size;
 
 #pragma omp parallel for schedule(static) num_threads(threads_for(s, num_threads))
   for (int64_t u = 0; u < units.total; ++u) {
     const int64_t row = u / units.per_row;
     const int64_t begin = (u % units.per_row) * units.size;
     const int64_t end = std::min(begin + units.size, s.cols);
-    const int32_t* cr = codes + row * words_per_row;
-    O* orow = out + row * s.cols;
-    for (int64_t g0 = begin; g0 < end; g0 += G) {
-      const int64_t gi = row * groups_per_row + g0 / G;
-      const float sc = to_float(scale[gi]);
-      const float mn = to_float(zero[gi]);
-      for (int64_t j = g0; j < g0 + G; ++j) {
-        const uint32_t word = static_cast<uint32_t>(cr[j / kPerWord]);
-        const uint32_t c = (word >> (BITS * (j % kPerWord))) & kMask;
-        orow[j] = from_float<O>(static_cast<float>(c) * sc + mn);
-      }
-    }
+    const int64_t g = row * groups_per_row + begin / s.group_size;
+    dequantize_span<P, O, BITS>(codes + row * words_per_row + begin / kPerWord, end - begin,
+                                s.group_size, scale + g, zero + g, out + row * s.cols + begin);
   }
 }
 

@@ -1,0 +1,169 @@
+// effx family: KIVI 2/4-bit KV cache, CPU kernels: attention over quantized + residual +
+// new tokens, and the append that applies the residual rule (layout in include/effx/kivi.h).
+#include "effx/kivi.h"
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "attention_engine.h"
+#include "quant_span.h"
+
+namespace effx {
+namespace cpu {
+namespace {
+
+struct KiviDims {
+  int64_t H, D, C, R, G, k_words, k_groups, v_words, v_groups;
+  explicit KiviDims(const KiviStorage& s)
+      : H(s.heads), D(s.head_dim), C(s.capacity), R(s.residual), G(s.group_size),
+        k_words(s.capacity * s.bits / 32), k_groups(s.capacity / s.group_size),
+        v_words(s.head_dim * s.bits / 32), v_groups(s.head_dim / s.group_size) {}
+};
+
+// Cached tokens of a KIVI layer, dequantized block by block. Blocks start at multiples of G,
+// and the quantized key prefix is a multiple of R (so of G): a block's key groups are whole.
+template <typename T, int BITS>
+struct KiviCached {
+  const KiviStorage& s;
+  KiviDims k;
+
+  int64_t block() const { return k.G * std::max<int64_t>(1, 64 / k.G); }
+
+  void keys_t(int64_t b, int64_t h, int64_t t0, int64_t t1, float* kt, int64_t ld) const {
+    const int64_t quantized = s.state[b * 3 + 1];
+    const int64_t bh = b * k.H + h;
+    const int32_t* codes = s.k_codes + bh * k.D * k.k_words;
+    const T* scale = static_cast<const T*>(s.k_scale) + bh * k.D * k.k_groups;
+    const T* zero = static_cast<const T*>(s.k_zero) + bh * k.D * k.k_groups;
+    const T* res = static_cast<const T*>(s.k_res) + bh * k.D * k.R;
+    int64_t t = t0;
+    for (; t < std::min(t1, quantized); t += k.G) {
+      for (int64_t d = 0; d < k.D; ++d) {
+        dequantize_span<T, float, BITS>(codes + d * k.k_words + t * BITS / 32, k.G, k.G,
+                                        scale + d * k.k_groups + t / k.G,
+                                        zero + d * k.k_groups + t / k.G, kt + d * ld + (t - t0));
+      }
+    }
+    for (; t < t1; ++t) {
+      for (int64_t d = 0; d < k.D; ++d) kt[d * ld + (t - t0)] = to_float(res[d * k.R + t % k.R]);
+    }
+  }
+
+  void values(int64_t b, int64_t h, int64_t t0, int64_t t1, float* v) const {
+    const int64_t quantized = s.state[b * 3 + 2];
+    const int64_t bh = b * k.H + h;
+    const int32_t* codes = s.v_codes + bh * k.C * k.v_words;
+    const T* scale = static_cast<const T*>(s.v_scale) + bh * k.C * k.v_groups;
+    const T* zero = static_cast<const T*>(s.v_zero) + bh * k.C * k.v_groups;
+    const T* res = static_cast<const T*>(s.v_res) + bh * k.R * k.D;
+    for (int64_t t = t0; t < t1; ++t) {
+      float* vt = v + (t - t0) * k.D;
+      if (t < quantized) {
+        dequantize_span<T, float, BITS>(codes + t * k.v_words, k.D, k.G, scale + t * k.v_groups,
+                                        zero + t * k.v_groups, vt);
+      } else {
+        const T* r = res + (t % k.R) * k.D;
+        for (int64_t d = 0; d < k.D; ++d) vt[d] = to_float(r[d]);
+      }
+    }
+  }
+};
+
+template <typename T, int BITS>
+void append_typed(const KiviStorage& s, const Strided& k_new, const Strided& v_new,
+                  int64_t new_len, const int64_t* new_lengths, int num_threads) {
+  const KiviDims k(s);
+  // Written after the parallel loop: the heads of a row read the old state until then.
+  std::vector<std::array<int64_t, 3>> new_state(s.batch);
+  const T* kn = static_cast<const T*>(k_new.data);
+  const T* vn = static_cast<const T*>(v_new.data);
+#pragma omp parallel num_threads(std::max(1, num_threads))
+  {
+    std::vector<float> values(std::max(k.R, k.D));
+    std::vector<uint32_t> q(std::max(k.R, k.D) + 32);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < s.batch * k.H; ++bh) {
+      const int64_t b = bh / k.H, h = bh % k.H;
+      const int64_t n = s.state[b * 3];
+      int64_t kq = s.state[b * 3 + 1], vq = s.state[b * 3 + 2];
+      const int64_t tn = new_lengths ? new_lengths[b] : new_len;
+      T* k_res = static_cast<T*>(s.k_res) + bh * k.D * k.R;
+      T* v_res = static_cast<T*>(s.v_res) + bh * k.R * k.D;
+      int32_t* k_codes = s.k_codes + bh * k.D * k.k_words;
+      T* k_scale = static_cast<T*>(s.k_scale) + bh * k.D * k.k_groups;
+      T* k_zero = static_cast<T*>(s.k_zero) + bh * k.D * k.k_groups;
+      int32_t* v_codes = s.v_codes + bh * k.C * k.v_words;
+      T* v_scale = static_cast<T*>(s.v_scale) + bh * k.C * k.v_groups;
+      T* v_zero = static_cast<T*>(s.v_zero) + bh * k.C * k.v_groups;
+      for (int64_t i = 0; i < tn; ++i) {
+        const int64_t t = n + i, slot = t % k.R;
+        // R values held already: the oldest (in this token's slot) leaves the window now.
+        if (t - vq == k.R) {
+          quantize_span<T, BITS>(v_res + slot * k.D, k.D, k.G, v_codes + vq * k.v_words,
+                                 v_scale + vq * k.v_groups, v_zero + vq * k.v_groups,
+                                 values.data(), q.data());
+          ++vq;
+        }
+        const T* kr = kn + b * k_new.sb + h * k_new.sh + i * k_new.st;
+        const T* vr = vn + b * v_new.sb + h * v_new.sh + i * v_new.st;
+        std::copy(vr, vr + k.D, v_res + slot * k.D);
+        for (int64_t d = 0; d < k.D; ++d) k_res[d * k.R + slot] = kr[d];
+        // A full block of R keys (kq is a multiple of R, so the block fills slots 0..R-1):
+        // quantize it per channel, in groups of G tokens.
+        if (t + 1 - kq == k.R) {
+          for (int64_t d = 0; d < k.D; ++d) {
+            quantize_span<T, BITS>(k_res + d * k.R, k.R, k.G,
+                                   k_codes + d * k.k_words + kq * BITS / 32,
+                                   k_scale + d * k.k_groups + kq / k.G,
+                                   k_zero + d * k.k_groups + kq / k.G, values.data(), q.data());
+          }
+          kq += k.R;
+        }
+      }
+      // Every head of a row follows the same rule; head 0 records the row's new state.
+      if (h == 0) new_state[b] = {n + tn, kq, vq};
+    }
+  }
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int j = 0; j < 3; ++j) s.state[b * 3 + j] = new_state[b][j];
+  }
+}
+
+template <typename T>
+void attention_bits(const AttentionArgs& a, const KiviStorage& s, int num_threads) {
+  if (s.bits == 2) return run_attention<T>(a, KiviCached<T, 2>{s, KiviDims(s)}, num_threads);
+  return run_attention<T>(a, KiviCached<T, 4>{s, KiviDims(s)}, num_threads);
+}
+
+template <typename T>
+void append_bits(const KiviStorage& s, const Strided& k_new, const Strided& v_new,
+                 int64_t new_len, const int64_t* new_lengths, int num_threads) {
+  if (s.bits == 2) return append_typed<T, 2>(s, k_new, v_new, new_len, new_lengths, num_threads);
+  return append_typed<T, 4>(s, k_new, v_new, new_len, new_lengths, num_threads);
+}
+
+}  // namespace
+
+void kivi_attention(const AttentionArgs& a, const KiviStorage& s, DType dtype, int num_threads) {
+  switch (dtype) {
+    case DType::Float32: return attention_bits<float>(a, s, num_threads);
+    case DType::Float16: return attention_bits<Half>(a, s, num_threads);
+    case DType::BFloat16: return attention_bits<BFloat16>(a, s, num_threads);
+  }
+}
+
+void kivi_append(const KiviStorage& s, DType dtype, const Strided& k_new, const Strided& v_new,
+                 int64_t new_len, const int64_t* new_lengths, int num_threads) {
+  switch (dtype) {
+    case DType::Float32:
+      return append_bits<float>(s, k_new, v_new, new_len, new_lengths, num_threads);
+    case DType::Float16:
+      return append_bits<Half>(s, k_new, v_new, new_len, new_lengths, num_threads);
+    case DType::BFloat16:
+      return append_bits<BFloat16>(s, k_new, v_new, new_len, new_lengths, num_threads);
+  }
+}
+
+}  // namespace cpu
+}  // namespace effx

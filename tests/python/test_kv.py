@@ -1,0 +1,381 @@
+"""KV caches (SPECS.md sections 2 and 8): DenseCache and KIVICache against float64 references
+of the attention and of KIVI's exact residual rule, over prefill and hundreds of decode steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import effx.kv as kv
+from common import ALL_DEVICES, DTYPES, TOL, rel_error
+from reference.attention import attention_ref
+from reference.kivi import KiviRow
+from reference.quant import quantize_like_effx
+
+# KIVI quantizes what the kernels compute on, so its reference follows the same codes; the
+# remaining difference is fp32 accumulation (and the output dtype).
+KIVI_TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def randn(*shape, dtype, device, scale=1.0):
+    return (torch.randn(*shape) * scale).to(dtype=dtype, device=device)
+
+
+class Runner:
+    """Drives a cache and its float64 reference through the same steps."""
+
+    def __init__(self, cache, batch, kv_heads, q_heads, head_dim, dtype, device, kivi=None):
+        self.cache, self.b, self.h, self.hq, self.d = cache, batch, kv_heads, q_heads, head_dim
+        self.dtype, self.device = dtype, device
+        if kivi:
+            self.rows = [KiviRow(dtype=dtype, **kivi) for _ in range(batch)]
+        else:
+            self.rows = [DenseRow() for _ in range(batch)]
+
+    def step(self, tn, lengths=None, layer=0):
+        q = randn(self.b, self.hq, tn, self.d, dtype=self.dtype, device=self.device)
+        k = randn(self.b, self.h, tn, self.d, dtype=self.dtype, device=self.device)
+        v = randn(self.b, self.h, tn, self.d, dtype=self.dtype, device=self.device)
+        out, lse = self.cache.attend(layer, q, k, v, lengths=lengths, return_lse=True)
+        worst = 0.0
+        for b, row in enumerate(self.rows):
+            valid = tn if lengths is None else lengths[b]
+            # Attention sees the cache as it was plus the new tokens in full precision;
+            # quantization of this step's tokens happens after it (SPECS.md section 2).
+            n = len(row)
+            kk, vv = row.kv() if n else (torch.zeros(self.h, 0, self.d, dtype=torch.float64),) * 2
+            kk = torch.cat([kk, k[b, :, :valid].cpu().double()], 1)
+            vv = torch.cat([vv, v[b, :, :valid].cpu().double()], 1)
+            ref, ref_lse = attention_ref(q[b, :, :valid].cpu(), kk, vv, n, self.cache.sm_scale)
+            row.append(k[b, :, :valid].cpu(), v[b, :, :valid].cpu())
+            worst = max(worst, rel_error(out[b, :, :valid], ref))
+            assert torch.allclose(lse[b, :, :valid].cpu().double(), ref_lse, atol=1e-3, rtol=1e-3)
+            assert (out[b, :, valid:] == 0).all() and (lse[b, :, valid:] == float("-inf")).all()
+        assert not torch.isnan(out).any()
+        return worst
+
+
+class DenseRow:
+    def __init__(self):
+        self.k, self.v = [], []
+
+    def __len__(self):
+        return len(self.k)
+
+    def append(self, k, v):
+        self.k += list(k.double().unbind(1))
+        self.v += list(v.double().unbind(1))
+
+    def kv(self):
+        return torch.stack(self.k, 1), torch.stack(self.v, 1)
+
+
+# --- DenseCache ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads,q_heads,head_dim", [(2, 2, 64), (2, 8, 128), (1, 8, 40)])
+def test_dense_prefill_and_decode(device, dtype, kv_heads, q_heads, head_dim):
+    torch.manual_seed(1)
+    cache = kv.DenseCache(2, 2, kv_heads, head_dim, 200, dtype=dtype, device=device)
+    run = Runner(cache, 2, kv_heads, q_heads, head_dim, dtype, device)
+    errs = [run.step(37)] + [run.step(1) for _ in range(20)] + [run.step(5)]
+    assert max(errs) <= TOL[dtype]
+    assert cache.seq_len(0) == 37 + 20 + 5 and cache.seq_len(1) == 0
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_dense_ragged_batch(device):
+    torch.manual_seed(2)
+    cache = kv.DenseCache(1, 3, 2, 64, 128, dtype=torch.float32, device=device)
+    run = Runner(cache, 3, 2, 4, 64, torch.float32, device)
+    errs = [run.step(20, lengths=[20, 7, 13])] + [run.step(1) for _ in range(5)]
+    errs.append(run.step(4, lengths=[4, 0, 2]))
+    assert max(errs) <= TOL[torch.float32]
+    assert cache.lengths(0).tolist() == [29, 12, 20]
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_tree_attention_and_commit(device, dtype):
+    torch.manual_seed(3)
+    b, h, hq, d = 2, 2, 4, 64
+    cache = kv.DenseCache(1, b, h, d, 64, dtype=dtype, device=device)
+    run = Runner(cache, b, h, hq, d, dtype, device)
+    run.step(10)
+    parents = [-1, 0, 0, 1, 1, 2, -1]
+    q = randn(b, hq, 7, d, dtype=dtype, device=device)
+    k = randn(b, h, 7, d, dtype=dtype, device=device)
+    v = randn(b, h, 7, d, dtype=dtype, device=device)
+    out = cache.attend(0, q, k, v, parents=parents)
+    for row in range(b):
+        kk, vv = run.rows[row].kv()
+        ref, _ = attention_ref(q[row].cpu(), torch.cat([kk, k[row].cpu().double()], 1),
+                               torch.cat([vv, v[row].cpu().double()], 1), 10, cache.sm_scale, parents=parents)
+        assert rel_error(out[row], ref) <= TOL[dtype]
+    assert cache.seq_len() == 10  # tree tokens wait for the commit
+    cache.commit_tree([[0, 1, 4], [6]])
+    assert cache.lengths(0).tolist() == [13, 11]
+    run.rows[0].append(k[0, :, [0, 1, 4]].cpu(), v[0, :, [0, 1, 4]].cpu())
+    run.rows[1].append(k[1, :, [6]].cpu(), v[1, :, [6]].cpu())
+    assert run.step(1) <= TOL[dtype]
+
+
+def test_dense_crop():
+    torch.manual_seed(4)
+    cache = kv.DenseCache(1, 1, 1, 32, 64, dtype=torch.float32)
+    run = Runner(cache, 1, 1, 1, 32, torch.float32, "cpu")
+    run.step(12)
+    cache.crop(9)
+    run.rows[0].k, run.rows[0].v = run.rows[0].k[:9], run.rows[0].v[:9]
+    assert cache.seq_len() == 9 and run.step(2) <= 1e-5
+
+
+# --- KIVI ---------------------------------------------------------------------------------------
+
+
+def kivi_cache(batch, kv_heads, head_dim, capacity, *, bits, group_size, residual, dtype, device, layers=1):
+    cache = kv.KIVICache(layers, batch, kv_heads, head_dim, capacity, bits=bits, group_size=group_size,
+                         residual=residual, dtype=dtype, device=device)
+    return cache, dict(bits=bits, group_size=group_size, residual=residual)
+
+
+def check_state(cache, run, layer=0):
+    state = cache.quantized_lengths(layer)
+    for b, row in enumerate(run.rows):
+        assert state[b].tolist() == [len(row), row.kq, row.vq]
+        n = len(row)
+        assert row.kq == n - n % cache.residual and row.vq == max(0, n - cache.residual)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_residual_rule_over_hundreds_of_steps(device, bits):
+    torch.manual_seed(5)
+    cache, opts = kivi_cache(2, 2, 64, 512, bits=bits, group_size=16, residual=32, dtype=torch.float32,
+                             device=device)
+    run = Runner(cache, 2, 2, 4, 64, torch.float32, device, kivi=opts)
+    worst = run.step(77)  # not a multiple of R (32) or G (16)
+    check_state(cache, run)
+    assert run.rows[0].kq == 64 and run.rows[0].vq == 45
+    for step in range(300):
+        worst = max(worst, run.step(1))
+        if step % 7 == 0:
+            check_state(cache, run)
+    check_state(cache, run)
+    assert worst <= KIVI_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads,q_heads,head_dim", [(2, 2, 64), (2, 8, 128), (1, 8, 64)])
+def test_kivi_gqa_dtypes_head_dims(device, dtype, kv_heads, q_heads, head_dim):
+    torch.manual_seed(6)
+    cache, opts = kivi_cache(2, kv_heads, head_dim, 256, bits=2, group_size=32, residual=64, dtype=dtype,
+                             device=device)
+    run = Runner(cache, 2, kv_heads, q_heads, head_dim, dtype, device, kivi=opts)
+    errs = [run.step(100)] + [run.step(1) for _ in range(40)] + [run.step(3)]
+    check_state(cache, run)
+    assert max(errs) <= KIVI_TOL[dtype]
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_kivi_ragged_batch(device):
+    torch.manual_seed(7)
+    cache, opts = kivi_cache(3, 2, 64, 256, bits=2, group_size=16, residual=32, dtype=torch.float32,
+                             device=device)
+    run = Runner(cache, 3, 2, 4, 64, torch.float32, device, kivi=opts)
+    errs = [run.step(70, lengths=[70, 33, 5])] + [run.step(1) for _ in range(50)]
+    errs.append(run.step(6, lengths=[6, 0, 3]))
+    check_state(cache, run)
+    assert max(errs) <= KIVI_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_kivi_constant_groups_are_exact(device):
+    cache, _ = kivi_cache(1, 1, 32, 64, bits=2, group_size=16, residual=16, dtype=torch.float32, device=device)
+    k = torch.full((1, 1, 40, 32), 0.75, device=device)
+    v = torch.full((1, 1, 40, 32), -1.5, device=device)
+    q = torch.randn(1, 1, 40, 32, device=device)
+    cache.attend(0, q, k, v)
+    out = cache.attend(0, q[:, :, :1], k[:, :, :1], v[:, :, :1])
+    assert torch.equal(out, torch.full_like(out, -1.5))  # every value exact, keys too
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_kivi_4bit_error_below_2bit(device):
+    torch.manual_seed(8)
+    errs = {}
+    q = torch.randn(1, 4, 1, 128, device=device)
+    k = torch.randn(1, 2, 600, 128, device=device)
+    v = torch.randn(1, 2, 600, 128, device=device)
+    for bits in (2, 4):
+        cache, _ = kivi_cache(1, 2, 128, 640, bits=bits, group_size=32, residual=128, dtype=torch.float32,
+                              device=device)
+        cache.attend(0, torch.randn(1, 4, 599, 128, device=device), k[:, :, :599], v[:, :, :599])
+        out = cache.attend(0, q, k[:, :, 599:], v[:, :, 599:])
+        ref, _ = attention_ref(q[0].cpu(), k[0].cpu().double(), v[0].cpu().double(), 599, 1 / math.sqrt(128))
+        errs[bits] = rel_error(out[0], ref)
+    assert 0 < errs[4] < errs[2] / 2, errs
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_kivi_tree_commit_and_crop(device):
+    torch.manual_seed(9)
+    cache, opts = kivi_cache(1, 2, 64, 256, bits=2, group_size=16, residual=32, dtype=torch.float32,
+                             device=device)
+    run = Runner(cache, 1, 2, 4, 64, torch.float32, device, kivi=opts)
+    run.step(50)
+    parents = [-1, 0, 1, 0]
+    q = torch.randn(1, 4, 4, 64, device=device)
+    k = torch.randn(1, 2, 4, 64, device=device)
+    v = torch.randn(1, 2, 4, 64, device=device)
+    out = cache.attend(0, q, k, v, parents=parents)
+    kk, vv = run.rows[0].kv()
+    ref, _ = attention_ref(q[0].cpu(), torch.cat([kk, k[0].cpu().double()], 1),
+                           torch.cat([vv, v[0].cpu().double()], 1), 50, cache.sm_scale, parents=parents)
+    assert rel_error(out[0], ref) <= KIVI_TOL[torch.float32]
+    cache.commit_tree([0, 1, 2])
+    run.rows[0].append(k[0, :, :3].cpu(), v[0, :, :3].cpu())
+    check_state(cache, run)
+    assert run.step(1) <= KIVI_TOL[torch.float32]
+    # 54 tokens: keys [0, 32) and values [0, 22) quantized, so crop can go back to 32 but not 31
+    with pytest.raises(ValueError, match=r"effx\.kv\.KIVICache\.crop: cannot crop row 0 of layer 0 to 31 tokens"):
+        cache.crop(31)
+    cache.crop(40)
+    row = run.rows[0]
+    row.keys, row.values = row.keys[:40], row.values[:40]
+    assert cache.seq_len() == 40 and run.step(1) <= KIVI_TOL[torch.float32]
+
+
+def test_kivi_quantize_helpers_match_reference():
+    torch.manual_seed(10)
+    k = torch.randn(2, 3, 64, 48)
+    v = torch.randn(2, 3, 64, 48)
+    qk = kv.kivi_quantize_keys(k, 2, 32)
+    assert qk.codes.shape == (2, 3, 48, 4) and qk.scale.shape == (2, 3, 48, 2)
+    back = kv.kivi_dequantize_keys(qk)
+    assert back.shape == k.shape
+    assert rel_error(back, quantize_like_effx(k.transpose(2, 3), 2, 32).transpose(2, 3)) <= 1e-6
+    qv = kv.kivi_quantize_values(v, 4, 16)
+    assert qv.codes.shape == (2, 3, 64, 6) and qv.scale.shape == (2, 3, 64, 3)
+    assert rel_error(kv.kivi_dequantize_values(qv), quantize_like_effx(v, 4, 16)) <= 1e-6
+
+
+def test_kivi_nbytes_against_fp16():
+    cache = kv.KIVICache(1, 1, 1, 128, 16384, bits=2, group_size=32, residual=128, dtype=torch.float16)
+    dense = kv.DenseCache(1, 1, 1, 128, 16384, dtype=torch.float16)
+    assert dense.nbytes() == 2 * 16384 * 128 * 2
+    assert cache.nbytes() <= 0.2 * dense.nbytes()
+    # 96 bytes per token and kv-head at D = 128, G = 32 (SPECS.md), plus the two residuals
+    assert cache.nbytes() == 16384 * 96 + 2 * 128 * 128 * 2 + 3 * 8
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype):
+    torch.manual_seed(11)
+    cache = kv.KIVICache(1, 2, 2, 64, 128, bits=2, group_size=16, residual=32, dtype=dtype)
+    cache.attend(0, torch.randn(2, 4, 40, 64).to(dtype), torch.randn(2, 2, 40, 64).to(dtype),
+                 torch.randn(2, 2, 40, 64).to(dtype))
+    s = cache._layers[0]
+    storage = [s[n] for n in kv.KIVICache._STORAGE]
+    q = torch.randn(2, 4, 3, 64).to(dtype)
+    k = torch.randn(2, 2, 3, 64).to(dtype)
+    v = torch.randn(2, 2, 3, 64).to(dtype)
+    torch.library.opcheck(torch.ops.effx.kivi_attention.default,
+                          (q, k, v, *storage, None, torch.tensor([-1, 0, 0]), 2, 16, True, 0.125))
+    torch.library.opcheck(torch.ops.effx.kivi_append_.default, (k, v, *storage, torch.tensor([3, 1]), 2, 16))
+    dense = kv.DenseCache(1, 2, 2, 64, 16, dtype=dtype)
+    torch.library.opcheck(torch.ops.effx.dense_attention.default,
+                          (q, k, v, dense.k[0], dense.v[0], torch.tensor([0, 5]), torch.tensor([3, 2]), None,
+                           True, 0.125))
+
+
+def test_compile_fullgraph_decode_step():
+    cache = kv.DenseCache(1, 1, 2, 64, 32, dtype=torch.float32)
+    lengths = torch.tensor([4])
+
+    def step(q, k, v):
+        out, lse = torch.ops.effx.dense_attention(q, k, v, cache.k[0], cache.v[0], lengths, None, None, True, 0.125)
+        return out * 2, lse
+
+    q, k, v = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64)
+    got = torch.compile(step, fullgraph=True)(q, k, v)
+    want = step(q, k, v)
+    torch.testing.assert_close(got[0], want[0])
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+
+
+def test_bad_cache_construction():
+    with pytest.raises(ValueError, match=r"effx\.kv\.KIVICache: group_size must divide head_dim \(64\), got 48"):
+        kv.KIVICache(1, 1, 1, 64, 128, group_size=48)
+    with pytest.raises(ValueError, match=r"effx\.kv\.KIVICache: residual must be a positive multiple of "
+                                         r"group_size \(32\), got 100"):
+        kv.KIVICache(1, 1, 1, 64, 128, residual=100)
+    with pytest.raises(ValueError, match=r"effx\.kv\.KIVICache: bits must be 2 or 4, got 8"):
+        kv.KIVICache(1, 1, 1, 64, 128, bits=8)
+    with pytest.raises(ValueError, match=r"effx\.kv\.KIVICache: group_size must be a positive multiple of 16 "
+                                         r"at 2 bits"):
+        kv.KIVICache(1, 1, 1, 64, 128, group_size=8, residual=32)
+    with pytest.raises(ValueError, match=r"effx\.kv\.DenseCache: capacity must be a positive int, got 0"):
+        kv.DenseCache(1, 1, 1, 64, 0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: kv.DenseCache(1, 2, 2, 32, 16, dtype=torch.float32),
+    lambda: kv.KIVICache(1, 2, 2, 32, 16, group_size=16, residual=16, dtype=torch.float32),
+], ids=["dense", "kivi"])
+def test_bad_attend_inputs(make):
+    cache = make()
+    name = type(cache).__name__
+    q, k, v = torch.randn(2, 4, 3, 32), torch.randn(2, 2, 3, 32), torch.randn(2, 2, 3, 32)
+    with pytest.raises(ValueError, match=rf"effx\.kv\.{name}\.attend: q heads \(3\) must be a multiple of kv heads \(2\)"):
+        cache.attend(0, q[:, :3], k, v)
+    with pytest.raises(ValueError, match=rf"{name}\.attend: k_new must be torch.float32 on cpu like the cache, got "
+                                         r"torch.float16"):
+        cache.attend(0, q, k.half(), v)
+    with pytest.raises(ValueError, match=rf"{name}\.attend: k_new must have shape \[2, 2, tokens >= 1, 32\], got "
+                                         r"\[2, 1, 3, 32\]"):
+        cache.attend(0, q, k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match=rf"{name}\.attend: v_new must have the shape of k_new"):
+        cache.attend(0, q, k, v[:, :, :2])
+    with pytest.raises(ValueError, match=rf"{name}\.attend: layer must be in \[0, 1\), got 1"):
+        cache.attend(1, q, k, v)
+    with pytest.raises(ValueError, match=rf"{name}\.attend: parents\[i\] must be in \[-1, i\)"):
+        cache.attend(0, q, k, v, parents=[-1, 1, 0])
+    cache.attend(0, torch.randn(2, 4, 15, 32), torch.randn(2, 2, 15, 32), torch.randn(2, 2, 15, 32))
+    with pytest.raises(ValueError, match=rf"{name}\.attend: capacity exceeded in row 0: 15 cached \+ 3 new > "
+                                         r"capacity 16"):
+        cache.attend(0, q, k, v)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_bad_device():
+    cache = kv.DenseCache(1, 1, 1, 32, 16, dtype=torch.float32, device="cuda")
+    with pytest.raises(ValueError, match=r"q must be torch.float32 on cuda like the cache, got torch.float32 on cpu"):
+        cache.attend(0, torch.randn(1, 1, 1, 32), torch.randn(1, 1, 1, 32, device="cuda"),
+                     torch.randn(1, 1, 1, 32, device="cuda"))
+
+
+def test_bad_op_inputs():
+    cache = kv.KIVICache(1, 1, 2, 32, 32, group_size=16, residual=16, dtype=torch.float32)
+    s = [cache._layers[0][n] for n in kv.KIVICache._STORAGE]
+    q, k = torch.randn(1, 2, 2, 32), torch.randn(1, 2, 2, 32)
+    with pytest.raises(RuntimeError, match=r"effx\.kivi_attention: group_size must divide head_dim \(32\), got 48"):
+        torch.ops.effx.kivi_attention(q, k, k, *s, None, None, 2, 48, True, 1.0)
+    with pytest.raises(RuntimeError, match=r"effx\.kivi_attention: k_scale must be Float, got Half"):
+        torch.ops.effx.kivi_attention(q, k, k, s[0], s[1].half(), *s[2:], None, None, 2, 16, True, 1.0)
+    with pytest.raises(RuntimeError, match=r"effx\.kivi_append_: lengths\[0\] \+ new tokens \(0 \+ 40\) must not "
+                                           r"exceed the cache capacity \(32\)"):
+        torch.ops.effx.kivi_append_(torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32), *s, None, 2, 16)
+    with pytest.raises(RuntimeError, match=r"effx\.dense_attention: q heads \(3\) must be a multiple of kv heads \(2\)"):
+        torch.ops.effx.dense_attention(torch.randn(1, 3, 2, 32), k, k, torch.zeros(1, 2, 8, 32),
+                                       torch.zeros(1, 2, 8, 32), torch.tensor([0]), None, None, True, 1.0)
+    with pytest.raises(RuntimeError, match=r"effx\.dense_attention: k_new must have the dtype of q \(Float\), got Half"):
+        torch.ops.effx.dense_attention(q, k.half(), k, torch.zeros(1, 2, 8, 32), torch.zeros(1, 2, 8, 32),
+                                       torch.tensor([0]), None, None, True, 1.0)
