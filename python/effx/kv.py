@@ -75,13 +75,7 @@ class KVCache:
         self._check_layer(name, layer)
         self._check_tokens(name, q, k_new, v_new)
         tn = k_new.shape[2]
-        new_lengths = None
-        added = torch.full((self.batch_size,), tn, dtype=torch.int64)
-        if lengths is not None:
-            added = torch.as_tensor(lengths, dtype=torch.int64).cpu()
-            if added.shape != (self.batch_size,) or (added < 0).any() or (added > tn).any():
-                _fail(name, f"lengths must be {self.batch_size} ints in [0, {tn}], got {added.tolist()}")
-            new_lengths = added.to(self.device)
+        added, new_lengths = self._new_lengths(name, lengths, tn)
         tree = None
         if parents is not None:
             if self._pending[layer] is not None:
@@ -93,11 +87,7 @@ class KVCache:
             if ((tree < -1) | (tree >= idx)).any():
                 _fail(name, "parents[i] must be in [-1, i) (a node's parent comes before it)")
             tree = tree.to(self.device)
-        over = self._host_lengths[layer] + added > self.capacity
-        if over.any():
-            b = int(over.nonzero()[0])
-            _fail(name, f"capacity exceeded in row {b}: {int(self._host_lengths[layer, b])} cached + "
-                        f"{int(added[b])} new > capacity {self.capacity}")
+        self._check_capacity(name, layer, added)
         out, lse = self._attention(layer, q, k_new, v_new, new_lengths, tree)
         if tree is None:
             self._append(layer, k_new, v_new, new_lengths)
@@ -105,6 +95,19 @@ class KVCache:
         else:
             self._pending[layer] = (k_new, v_new)
         return (out, lse) if return_lse else out
+
+    def extend(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, *,
+               lengths: torch.Tensor | Sequence[int] | None = None) -> None:
+        """Store tokens without attending (e.g. a prompt whose attention was computed
+        elsewhere): the same storage path as :meth:`attend`."""
+        name = f"{type(self).__name__}.extend"
+        self._check_layer(name, layer)
+        self._check_tokens(name, k_new.new_empty(self.batch_size, self.num_kv_heads, *k_new.shape[2:]),
+                           k_new, v_new)
+        added, new_lengths = self._new_lengths(name, lengths, k_new.shape[2])
+        self._check_capacity(name, layer, added)
+        self._append(layer, k_new, v_new, new_lengths)
+        self._host_lengths[layer] += added
 
     def commit_tree(self, accepted: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> None:
         """Keep the accepted path of the tree given to the last ``attend(..., parents=...)``.
@@ -170,6 +173,22 @@ class KVCache:
     def _check_layer(self, name: str, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
             _fail(name, f"layer must be in [0, {self.num_layers}), got {layer}")
+
+    def _new_lengths(self, name: str, lengths, tn: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens added per row on the host, the same on the device or None when all are tn)."""
+        if lengths is None:
+            return torch.full((self.batch_size,), tn, dtype=torch.int64), None
+        added = torch.as_tensor(lengths, dtype=torch.int64).cpu()
+        if added.shape != (self.batch_size,) or (added < 0).any() or (added > tn).any():
+            _fail(name, f"lengths must be {self.batch_size} ints in [0, {tn}], got {added.tolist()}")
+        return added, added.to(self.device)
+
+    def _check_capacity(self, name: str, layer: int, added: torch.Tensor) -> None:
+        over = self._host_lengths[layer] + added > self.capacity
+        if over.any():
+            b = int(over.nonzero()[0])
+            _fail(name, f"capacity exceeded in row {b}: {int(self._host_lengths[layer, b])} cached + "
+                        f"{int(added[b])} new > capacity {self.capacity}")
 
     def _check_tokens(self, name: str, q, k_new, v_new) -> None:
         b, h, d = self.batch_size, self.num_kv_heads, self.head_dim

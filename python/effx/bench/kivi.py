@@ -1,0 +1,85 @@
+"""Benchmark suite ``kivi``: one decode step (attention over the cache plus the new token, and
+the append) of KIVI-2/4 and of DenseCache, against PyTorch SDPA on full-precision K/V and
+against the plain-PyTorch way of using a KIVI cache (dequantize everything, then attend)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from effx import kv
+from effx.bench.harness import Record, measure_roofs, median_time
+
+HKV, HQ, D = 8, 32, 128
+
+
+def torch_dequantize_then_attend(q, cache: kv.KIVICache, n: int):
+    """The plain-PyTorch composition: dequantize the whole quantized history with tensor ops,
+    concatenate the residual, then SDPA (what a port without fused kernels does each step)."""
+    s = cache._layers[0]
+    bits, g, r = cache.bits, cache.group_size, cache.residual
+    kq, vq = n - n % r, max(0, n - r)
+    shifts = torch.arange(0, 32, bits, device=q.device, dtype=torch.int32)
+    mask = 2**bits - 1
+
+    def unpack(codes):
+        return ((codes.unsqueeze(-1) >> shifts) & mask).flatten(-2).to(q.dtype)
+
+    kc = unpack(s["k_codes"][..., : kq * bits // 32])  # [B, H, D, kq]
+    k_deq = kc * s["k_scale"][..., : kq // g].repeat_interleave(g, -1) + s["k_zero"][..., : kq // g].repeat_interleave(g, -1)
+    vc = unpack(s["v_codes"][:, :, :vq])  # [B, H, vq, D]
+    v_deq = vc * s["v_scale"][:, :, :vq].repeat_interleave(g, -1) + s["v_zero"][:, :, :vq].repeat_interleave(g, -1)
+    k_res = s["k_res"][..., : n - kq].transpose(2, 3)
+    v_res = s["v_res"].index_select(2, torch.arange(vq, n, device=q.device) % r)
+    keys = torch.cat([k_deq.transpose(2, 3), k_res], 2)
+    values = torch.cat([v_deq, v_res], 2)
+    return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+
+
+def _cases(device: torch.device, quick: bool):
+    if device.type == "cuda":
+        batches, lengths = ((1, 8), (1024, 8192)) if quick else ((1, 8, 32), (1024, 8192, 32768))
+    else:
+        batches, lengths = ((1,), (1024,)) if quick else ((1, 8), (1024, 8192))
+    for b in batches:
+        for t in lengths:
+            yield b, t
+
+
+def run(device: torch.device, quick: bool = False) -> list[Record]:
+    roofs = measure_roofs(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    name = str(dtype).replace("torch.", "")
+    runs = 30 if device.type == "cuda" else 10
+    records = []
+    for b, t in _cases(device, quick):
+        torch.manual_seed(0)
+        k = torch.randn(b, HKV, t, D, device=device, dtype=dtype)
+        v = torch.randn(b, HKV, t, D, device=device, dtype=dtype)
+        q = torch.randn(b, HQ, 1, D, device=device, dtype=dtype)
+        k1 = torch.randn(b, HKV, 1, D, device=device, dtype=dtype)
+        v1 = torch.randn(b, HKV, 1, D, device=device, dtype=dtype)
+        kv_fp_bytes = 2 * k.nbytes
+        t_sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device, runs=runs)
+        shape = {"B": b, "T": t, "Hkv": HKV, "Hq": HQ, "D": D}
+
+        dense = kv.DenseCache(1, b, HKV, D, t + 2 * (runs + 10), dtype=dtype, device=device)
+        dense.extend(0, k, v)
+        t_dense = median_time(lambda: dense.attend(0, q, k1, v1), device, runs=runs)
+        records.append(Record("kivi", "dense-step", shape, name, roofs.device, t_dense, kv_fp_bytes, 4.0 * b * HQ * t * D,
+                              "sdpa", t_sdpa, roofs))
+        del dense
+        for bits in (2, 4):
+            cache = kv.KIVICache(1, b, HKV, D, t + 2 * (runs + 10), bits=bits, dtype=dtype, device=device)
+            cache.extend(0, k, v)
+            held = cache.nbytes()
+            t_kivi = median_time(lambda: cache.attend(0, q, k1, v1), device, runs=runs)
+            n = cache.seq_len()
+            t_torch = median_time(lambda: torch_dequantize_then_attend(q, cache, n), device, runs=max(3, runs // 3))
+            shape_b = dict(shape, bits=bits, nbytes_vs_fp16=round(held / (kv_fp_bytes * 2 / k.element_size()), 4))
+            records.append(Record("kivi", f"kivi{bits}-step", shape_b, name, roofs.device, t_kivi, held,
+                                  4.0 * b * HQ * t * D, "sdpa", t_sdpa, roofs))
+            records.append(Record("kivi", f"kivi{bits}-step", shape_b, name, roofs.device, t_kivi, held,
+                                  4.0 * b * HQ * t * D, "torch deq+sdpa", t_torch, roofs))
+            del cache
+    return records
