@@ -138,6 +138,7 @@ AttentionCall prepare_attention(const char* op, const at::Tensor& q_in, const at
   a.parents_sb = c.parents.defined() && c.parents.dim() == 2 ? Tq : 0;
   a.causal = causal;
   a.sm_scale = static_cast<float>(sm_scale);
+  a.max_cached = capacity;
   return c;
 }
 

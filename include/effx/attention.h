@@ -34,6 +34,7 @@ struct AttentionArgs {
   int64_t parents_sb;           // batch stride of parents (0: one tree for the batch)
   bool causal;
   float sm_scale;
+  int64_t max_cached;           // upper bound of lengths[b] (the cache capacity), for planning
 };
 
 // Plain cached K/V: k, v [B, Hkv, capacity, D] with the given strides (shared by k and v).

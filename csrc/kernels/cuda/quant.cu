@@ -1,11 +1,10 @@
 // effx family: group-wise asymmetric quantization, CUDA kernels (layout in
 // include/effx/quant.h). One thread owns a unit of lcm(group_size, codes per word) values,
 // i.e. whole groups and whole output words, so packing needs no atomics or shuffles.
-#include <cfloat>
 #include <numeric>
 
-#include "dtype.cuh"
 #include "effx/quant_cuda.h"
+#include "quant_group.cuh"
 
 namespace effx {
 namespace cuda {
@@ -18,7 +17,6 @@ __global__ void quantize_kernel(QuantShape s, long long unit, long long units_pe
                                 const T* __restrict__ x, int32_t* __restrict__ codes,
                                 T* __restrict__ scale, T* __restrict__ zero) {
   constexpr int kPerWord = 32 / BITS;
-  constexpr float kMaxCode = static_cast<float>((1 << BITS) - 1);
   const long long total = units_per_row * s.rows;
   const long long words_per_row = (s.cols + kPerWord - 1) / kPerWord;
   const long long groups_per_row = s.cols / s.group_size;
@@ -32,23 +30,11 @@ __global__ void quantize_kernel(QuantShape s, long long unit, long long units_pe
     uint32_t acc = 0;
     int slot = 0;
     for (long long g0 = begin; g0 < end; g0 += s.group_size) {
-      float mn = FLT_MAX, mx = -FLT_MAX;
-      for (int i = 0; i < s.group_size; ++i) {
-        const float v = to_float(xr[g0 + i]);
-        mn = fminf(mn, v);
-        mx = fmaxf(mx, v);
-      }
-      float sc = to_float(from_float_up<T>((mx - mn) / kMaxCode));
-      const bool usable = sc >= FLT_MIN && sc <= FLT_MAX;
-      sc = usable ? sc : 0.0f;
-      const float inv = usable ? 1.0f / sc : 0.0f;
       const long long gi = row * groups_per_row + g0 / s.group_size;
-      scale[gi] = from_float<T>(sc);
-      zero[gi] = from_float<T>(mn);
+      const GroupCoder c = group_params<T, BITS>(xr + g0, s.group_size, scale + gi, zero + gi);
       // Second read of the group hits L1: it was just loaded by this thread.
       for (int i = 0; i < s.group_size; ++i) {
-        const float c = fminf(fmaxf((to_float(xr[g0 + i]) - mn) * inv, 0.0f), kMaxCode);
-        acc |= static_cast<uint32_t>(__float2uint_rn(c)) << (BITS * slot);
+        acc |= encode<BITS>(to_float(xr[g0 + i]), c) << (BITS * slot);
         if (++slot == kPerWord) {
           *out++ = static_cast<int32_t>(acc);
           acc = 0;

@@ -1,6 +1,6 @@
 // effx family: group-wise asymmetric quantization, CUDA operator implementations (host C++;
 // the kernels are in csrc/kernels/cuda/quant.cu).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x
   QuantizeCall c = prepare_quantize(x, bits, group_size);
   check_launch(cuda::quantize(c.shape, c.dtype, c.x.const_data_ptr(), c.codes.data_ptr<int32_t>(),
                               c.scale.data_ptr(), c.zero.data_ptr(),
-                              at::cuda::getCurrentCUDAStream()),
+                              c10::cuda::getCurrentCUDAStream()),
                "quantize");
   return {c.codes, c.scale, c.zero};
 }
@@ -33,7 +33,7 @@ at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& scale,
   DequantizeCall c = prepare_dequantize(codes, scale, zero, bits, group_size, dtype);
   check_launch(cuda::dequantize(c.shape, c.codes.const_data_ptr<int32_t>(), c.param_dtype,
                                 c.scale.const_data_ptr(), c.zero.const_data_ptr(), c.out_dtype,
-                                c.out.data_ptr(), at::cuda::getCurrentCUDAStream()),
+                                c.out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "dequantize");
   return c.out;
 }

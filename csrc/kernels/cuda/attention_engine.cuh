@@ -1,0 +1,274 @@
+// effx: the CUDA engine behind every fused cache attention (include/effx/attention.h).
+// A block owns (token split, batch row, kv-head, up to kRows query rows of the GQA group) and
+// walks its token range in tiles of kTile tokens: the cache policy stages keys (transposed,
+// [D][kTile + 1]) and values ([kTile][D]) in shared memory as fp32, the engine appends the
+// step's new tokens, scores every (row, token) pair, and updates an online softmax (running
+// max and sum per row, rescaled per tile). With several splits, each writes (max, sum, acc)
+// partials and a second kernel merges them with the same rescaling (flash-decoding).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "dtype.cuh"
+#include "effx/attention.h"
+
+namespace effx {
+namespace cuda {
+
+constexpr int kRows = 8;  // query rows per block: one warp per row in the softmax step
+constexpr int kThreads = kRows * 32;
+constexpr int kTile = 32;
+constexpr int kMaxHeadDim = 256;
+constexpr int kAccPerThread = kRows * kMaxHeadDim / kThreads;
+
+struct AttentionPlan {
+  int splits;
+  long long tokens_per_split;
+  int row_chunks;
+  size_t smem_bytes;
+  size_t workspace_bytes;
+};
+
+inline AttentionPlan plan_attention(const AttentionArgs& a) {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  AttentionPlan p;
+  const long long group = a.q_heads / a.kv_heads;
+  p.row_chunks = static_cast<int>((group * a.q_len + kRows - 1) / kRows);
+  const long long units = a.batch * a.kv_heads * p.row_chunks;
+  const long long max_total = a.max_cached + a.q_len;
+  // Enough blocks for two waves, but no split shorter than 8 tiles.
+  long long splits = (2LL * sms + units - 1) / units;
+  const long long most = (max_total + 8 * kTile - 1) / (8 * kTile);
+  splits = splits < most ? splits : most;
+  p.splits = static_cast<int>(splits < 1 ? 1 : splits);
+  const long long per = (max_total + p.splits - 1) / p.splits;
+  p.tokens_per_split = (per + kTile - 1) / kTile * kTile;
+  const long long mask_words = a.parents ? (a.q_len + 31) / 32 : 0;
+  p.smem_bytes = sizeof(float) * (kRows * a.head_dim + a.head_dim * (kTile + 1) + kTile * a.head_dim +
+                                   kRows * kTile + 3 * kRows) +
+                 sizeof(uint32_t) * kRows * mask_words;
+  p.workspace_bytes = p.splits > 1 ? sizeof(float) * p.splits * a.batch * a.q_heads * a.q_len * (a.head_dim + 2) : 0;
+  return p;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Cached: a policy with
+//   __device__ void load(b, h, t0, t1, float* kt, int ldk, float* v) const: the whole block
+//   stages cached tokens [t0, t1): kt[d * ldk + t - t0], v[(t - t0) * D + d].
+template <typename T, typename Cached>
+__global__ void __launch_bounds__(kThreads)
+    attention_kernel(AttentionArgs a, Cached cached, long long tokens_per_split, float* partial) {
+  extern __shared__ float smem[];
+  const int D = static_cast<int>(a.head_dim);
+  const int ldk = kTile + 1;
+  float* q_s = smem;
+  float* kt_s = q_s + kRows * D;
+  float* v_s = kt_s + D * ldk;
+  float* s_s = v_s + kTile * D;
+  float* m_s = s_s + kRows * kTile;
+  float* l_s = m_s + kRows;
+  float* alpha_s = l_s + kRows;
+  uint32_t* anc_s = reinterpret_cast<uint32_t*>(alpha_s + kRows);
+  const int mask_words = a.parents ? static_cast<int>((a.q_len + 31) / 32) : 0;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int split = blockIdx.x;
+  const long long b = blockIdx.y / a.kv_heads, hk = blockIdx.y % a.kv_heads;
+  const long long group = a.q_heads / a.kv_heads;
+  const long long n = a.lengths[b * a.lengths_stride];
+  long long tn = a.new_lengths ? a.new_lengths[b] : a.q_len;
+  tn = tn < a.q_len ? tn : a.q_len;
+  const long long row0 = static_cast<long long>(blockIdx.z) * kRows;
+  // Row r of the block: query i = (row0 + r) / group of head hk * group + (row0 + r) % group.
+  auto row_query = [&](int r) { return (row0 + r) / group; };
+  auto row_valid = [&](int r) { return row0 + r < group * a.q_len && row_query(r) < tn; };
+
+  const T* q = static_cast<const T*>(a.q.data);
+  for (int idx = tid; idx < kRows * D; idx += kThreads) {
+    const int r = idx / D, d = idx % D;
+    float v = 0.0f;
+    if (row_valid(r)) {
+      const long long hq = hk * group + (row0 + r) % group;
+      v = to_float(q[b * a.q.sb + hq * a.q.sh + row_query(r) * a.q.st + d]) * a.sm_scale;
+    }
+    q_s[idx] = v;
+  }
+  if (tid < kRows) {
+    m_s[tid] = -INFINITY;
+    l_s[tid] = 0.0f;
+    if (a.parents) {
+      uint32_t* bits = anc_s + tid * mask_words;
+      for (int w = 0; w < mask_words; ++w) bits[w] = 0;
+      if (row_valid(tid)) {
+        const int64_t* par = a.parents + b * a.parents_sb;
+        const long long i = row_query(tid);
+        // parents[j] < j is checked by the caller; the step bound keeps a bad tree from hanging.
+        for (long long j = i, steps = 0; j >= 0 && j < tn && steps <= i; j = par[j], ++steps) {
+          bits[j / 32] |= 1u << (j % 32);
+        }
+      }
+    }
+  }
+  // New tokens seen by the block's last valid row.
+  long long last_query = -1;
+  for (int r = 0; r < kRows; ++r) last_query = row_valid(r) ? row_query(r) : last_query;
+  const long long new_seen = last_query < 0 ? 0 : ((a.causal || a.parents) ? last_query + 1 : tn);
+  const long long total = last_query < 0 ? 0 : n + new_seen;
+  const long long begin = split * tokens_per_split;
+  const long long end = begin + tokens_per_split < total ? begin + tokens_per_split : total;
+
+  float acc[kAccPerThread];
+#pragma unroll
+  for (int k = 0; k < kAccPerThread; ++k) acc[k] = 0.0f;
+  const T* k_new = static_cast<const T*>(a.k_new.data);
+  const T* v_new = static_cast<const T*>(a.v_new.data);
+  __syncthreads();
+
+  for (long long t0 = begin; t0 < end; t0 += kTile) {
+    const long long t1 = t0 + kTile < end ? t0 + kTile : end;
+    const long long c1 = t1 < n ? t1 : n;
+    if (t0 < c1) cached.load(b, hk, t0, c1, kt_s, ldk, v_s);
+    const long long first_new = t0 > n ? t0 : n;
+    for (long long idx = tid; idx < (t1 - first_new) * D; idx += kThreads) {
+      const long long t = first_new + idx / D;
+      const int d = static_cast<int>(idx % D);
+      kt_s[d * ldk + (t - t0)] = to_float(k_new[b * a.k_new.sb + hk * a.k_new.sh + (t - n) * a.k_new.st + d]);
+      v_s[(t - t0) * D + d] = to_float(v_new[b * a.v_new.sb + hk * a.v_new.sh + (t - n) * a.v_new.st + d]);
+    }
+    __syncthreads();
+    for (int idx = tid; idx < kRows * kTile; idx += kThreads) {
+      const int r = idx / kTile, j = idx % kTile;
+      const long long t = t0 + j;
+      float score = -INFINITY;
+      if (t < t1 && row_valid(r)) {
+        bool visible = true;
+        if (t >= n) {
+          const long long jn = t - n;
+          visible = a.parents ? ((anc_s[r * mask_words + jn / 32] >> (jn % 32)) & 1u)
+                              : (!a.causal || jn <= row_query(r));
+        }
+        if (visible) {
+          float dot = 0.0f;
+          for (int d = 0; d < D; ++d) dot += q_s[r * D + d] * kt_s[d * ldk + j];
+          score = dot;
+        }
+      }
+      s_s[idx] = score;
+    }
+    __syncthreads();
+    {
+      const int r = warp;
+      const float s = s_s[r * kTile + lane];  // kTile == 32: one token per lane
+      const float m_old = m_s[r];
+      const float m_new = fmaxf(m_old, warp_max(s));
+      const float p = m_new == -INFINITY ? 0.0f : __expf(s - m_new);
+      const float sum = warp_sum(p);
+      s_s[r * kTile + lane] = p;
+      if (lane == 0) {
+        const float alpha = m_new == -INFINITY ? 1.0f : __expf(m_old - m_new);
+        alpha_s[r] = alpha;
+        l_s[r] = l_s[r] * alpha + sum;
+        m_s[r] = m_new;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kAccPerThread; ++k) {
+      const int idx = tid + k * kThreads;
+      if (idx < kRows * D) {
+        const int r = idx / D, d = idx % D;
+        float x = acc[k] * alpha_s[r];
+        for (int j = 0; j < kTile; ++j) x += s_s[r * kTile + j] * v_s[j * D + d];
+        acc[k] = x;
+      }
+    }
+    __syncthreads();
+  }
+
+  T* out = static_cast<T*>(a.out);
+#pragma unroll
+  for (int k = 0; k < kAccPerThread; ++k) {
+    const int idx = tid + k * kThreads;
+    if (idx >= kRows * D || row0 + idx / D >= group * a.q_len) continue;
+    const int r = idx / D, d = idx % D;
+    const long long hq = hk * group + (row0 + r) % group, i = row_query(r);
+    const long long o = (b * a.q_heads + hq) * a.q_len + i;
+    if (gridDim.x == 1) {
+      const float l = l_s[r];
+      out[o * D + d] = from_float<T>(row_valid(r) && l > 0.0f ? acc[k] / l : 0.0f);
+      if (d == 0 && a.lse) a.lse[o] = row_valid(r) ? m_s[r] + logf(l) : -INFINITY;
+    } else {
+      float* part = partial + (split * a.batch * a.q_heads * a.q_len + o) * (D + 2);
+      part[d] = acc[k];
+      if (d == 0) {
+        part[D] = m_s[r];
+        part[D + 1] = l_s[r];
+      }
+    }
+  }
+}
+
+// Merges the splits' partials of one (batch, head, query) per block.
+template <typename T>
+__global__ void combine_kernel(AttentionArgs a, int splits, const float* partial) {
+  const long long o = blockIdx.x;
+  const long long b = o / (a.q_heads * a.q_len), i = o % a.q_len;
+  const int D = static_cast<int>(a.head_dim);
+  long long tn = a.new_lengths ? a.new_lengths[b] : a.q_len;
+  const bool valid = i < tn;
+  const long long stride = a.batch * a.q_heads * a.q_len * (D + 2);
+  float m = -INFINITY;
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, partial[s * stride + o * (D + 2) + D]);
+  float l = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    const float* part = partial + s * stride + o * (D + 2);
+    if (part[D] != -INFINITY) l += part[D + 1] * __expf(part[D] - m);
+  }
+  T* out = static_cast<T*>(a.out);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float x = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float* part = partial + s * stride + o * (D + 2);
+      if (part[D] != -INFINITY) x += part[d] * __expf(part[D] - m);
+    }
+    out[o * D + d] = from_float<T>(valid && l > 0.0f ? x / l : 0.0f);
+  }
+  if (threadIdx.x == 0 && a.lse) a.lse[o] = valid && l > 0.0f ? m + logf(l) : -INFINITY;
+}
+
+template <typename T, typename Cached>
+cudaError_t run_attention(const AttentionArgs& a, const Cached& cached, void* workspace, cudaStream_t stream) {
+  if (a.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
+  const AttentionPlan p = plan_attention(a);
+  auto kernel = attention_kernel<T, Cached>;
+  if (p.smem_bytes > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_chunks);
+  kernel<<<grid, kThreads, p.smem_bytes, stream>>>(a, cached, p.tokens_per_split, static_cast<float*>(workspace));
+  if (p.splits > 1) {
+    combine_kernel<T><<<static_cast<unsigned>(a.batch * a.q_heads * a.q_len), 128, 0, stream>>>(
+        a, p.splits, static_cast<const float*>(workspace));
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace effx

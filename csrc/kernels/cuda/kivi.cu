@@ -1,0 +1,169 @@
+// effx family: KIVI 2/4-bit KV cache, CUDA kernels: attention over quantized + residual + new
+// tokens (through the shared engine), and the append that applies the residual rule (layout
+// in include/effx/kivi.h).
+#include "attention_engine.cuh"
+#include "effx/kivi_cuda.h"
+#include "quant_group.cuh"
+
+namespace effx {
+namespace cuda {
+namespace {
+
+struct KiviDims {
+  long long H, D, C, R, G, k_words, k_groups, v_words, v_groups;
+};
+
+KiviDims kivi_dims(const KiviStorage& s) {
+  return KiviDims{s.heads, s.head_dim, s.capacity, s.residual, s.group_size, s.capacity * s.bits / 32,
+                  s.capacity / s.group_size, s.head_dim * s.bits / 32, s.head_dim / s.group_size};
+}
+
+template <typename T, int BITS>
+struct KiviCached {
+  KiviStorage s;
+  KiviDims k;
+
+  __device__ __forceinline__ static float code(const int32_t* words, long long j) {
+    constexpr int kPerWord = 32 / BITS;
+    return static_cast<float>((static_cast<uint32_t>(words[j / kPerWord]) >> (BITS * (j % kPerWord))) &
+                              ((1u << BITS) - 1u));
+  }
+
+  __device__ void load(long long b, long long h, long long t0, long long t1, float* kt, int ldk, float* v) const {
+    const long long bh = b * k.H + h;
+    const long long kq = s.state[b * 3 + 1], vq = s.state[b * 3 + 2];
+    const long long bt = t1 - t0;
+    const T* k_scale = static_cast<const T*>(s.k_scale) + bh * k.D * k.k_groups;
+    const T* k_zero = static_cast<const T*>(s.k_zero) + bh * k.D * k.k_groups;
+    const T* k_res = static_cast<const T*>(s.k_res) + bh * k.D * k.R;
+    // Keys are channel-major: tokens fastest, so a warp reads the same few code words.
+    for (long long idx = threadIdx.x; idx < bt * k.D; idx += blockDim.x) {
+      const long long j = idx % bt, d = idx / bt, t = t0 + j;
+      float x;
+      if (t < kq) {
+        const long long g = d * k.k_groups + t / k.G;
+        x = code(s.k_codes + (bh * k.D + d) * k.k_words, t) * to_float(k_scale[g]) + to_float(k_zero[g]);
+      } else {
+        x = to_float(k_res[d * k.R + t % k.R]);
+      }
+      kt[d * ldk + j] = x;
+    }
+    const T* v_scale = static_cast<const T*>(s.v_scale) + bh * k.C * k.v_groups;
+    const T* v_zero = static_cast<const T*>(s.v_zero) + bh * k.C * k.v_groups;
+    const T* v_res = static_cast<const T*>(s.v_res) + bh * k.R * k.D;
+    for (long long idx = threadIdx.x; idx < bt * k.D; idx += blockDim.x) {
+      const long long j = idx / k.D, d = idx % k.D, t = t0 + j;
+      float x;
+      if (t < vq) {
+        const long long g = t * k.v_groups + d / k.G;
+        x = code(s.v_codes + (bh * k.C + t) * k.v_words, d) * to_float(v_scale[g]) + to_float(v_zero[g]);
+      } else {
+        x = to_float(v_res[(t % k.R) * k.D + d]);
+      }
+      v[j * k.D + d] = x;
+    }
+  }
+};
+
+// One block per (batch row, kv-head) walks the new tokens in order, as the rule is sequential.
+template <typename T, int BITS>
+__global__ void append_kernel(KiviStorage s, KiviDims k, Strided kn, Strided vn, long long new_len,
+                              const int64_t* new_lengths) {
+  const long long bh = blockIdx.x, b = bh / k.H, h = bh % k.H;
+  const long long n = s.state[b * 3];
+  long long kq = s.state[b * 3 + 1], vq = s.state[b * 3 + 2];
+  const long long tn = new_lengths ? new_lengths[b] : new_len;
+  T* k_res = static_cast<T*>(s.k_res) + bh * k.D * k.R;
+  T* v_res = static_cast<T*>(s.v_res) + bh * k.R * k.D;
+  int32_t* k_codes = s.k_codes + bh * k.D * k.k_words;
+  T* k_scale = static_cast<T*>(s.k_scale) + bh * k.D * k.k_groups;
+  T* k_zero = static_cast<T*>(s.k_zero) + bh * k.D * k.k_groups;
+  int32_t* v_codes = s.v_codes + bh * k.C * k.v_words;
+  T* v_scale = static_cast<T*>(s.v_scale) + bh * k.C * k.v_groups;
+  T* v_zero = static_cast<T*>(s.v_zero) + bh * k.C * k.v_groups;
+  const T* kb = static_cast<const T*>(kn.data) + b * kn.sb + h * kn.sh;
+  const T* vb = static_cast<const T*>(vn.data) + b * vn.sb + h * vn.sh;
+  for (long long i = 0; i < tn; ++i) {
+    const long long t = n + i, slot = t % k.R;
+    if (t - vq == k.R) {  // R values held: the oldest (in this token's slot) leaves the window
+      for (long long g = threadIdx.x; g < k.v_groups; g += blockDim.x) {
+        quantize_group<T, BITS>(v_res + slot * k.D + g * k.G, static_cast<int>(k.G),
+                                v_codes + vq * k.v_words + g * k.G * BITS / 32, v_scale + vq * k.v_groups + g,
+                                v_zero + vq * k.v_groups + g);
+      }
+      ++vq;
+      __syncthreads();
+    }
+    for (long long d = threadIdx.x; d < k.D; d += blockDim.x) {
+      v_res[slot * k.D + d] = vb[i * vn.st + d];
+      k_res[d * k.R + slot] = kb[i * kn.st + d];
+    }
+    __syncthreads();
+    if (t + 1 - kq == k.R) {  // a whole block of R keys: per channel, in groups of G tokens
+      const long long per_channel = k.R / k.G;
+      for (long long idx = threadIdx.x; idx < k.D * per_channel; idx += blockDim.x) {
+        const long long d = idx / per_channel, g = idx % per_channel;
+        quantize_group<T, BITS>(k_res + d * k.R + g * k.G, static_cast<int>(k.G),
+                                k_codes + d * k.k_words + (kq + g * k.G) * BITS / 32,
+                                k_scale + d * k.k_groups + kq / k.G + g, k_zero + d * k.k_groups + kq / k.G + g);
+      }
+      kq += k.R;
+      __syncthreads();
+    }
+  }
+}
+
+// The rule in closed form (see include/effx/kivi.h), applied once every head is done.
+__global__ void advance_state_kernel(KiviStorage s, long long new_len, const int64_t* new_lengths) {
+  const long long b = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  if (b >= s.batch) return;
+  const long long n = s.state[b * 3] + (new_lengths ? new_lengths[b] : new_len);
+  const long long kq = s.state[b * 3 + 1], vq = s.state[b * 3 + 2], R = s.residual;
+  s.state[b * 3] = n;
+  s.state[b * 3 + 1] = kq + (n - kq) / R * R;
+  s.state[b * 3 + 2] = vq > n - R ? vq : n - R;
+}
+
+template <typename T>
+cudaError_t attention_typed(const AttentionArgs& a, const KiviStorage& s, void* workspace, cudaStream_t stream) {
+  if (s.bits == 2) return run_attention<T>(a, KiviCached<T, 2>{s, kivi_dims(s)}, workspace, stream);
+  return run_attention<T>(a, KiviCached<T, 4>{s, kivi_dims(s)}, workspace, stream);
+}
+
+template <typename T>
+cudaError_t append_typed(const KiviStorage& s, const Strided& kn, const Strided& vn, long long new_len,
+                         const int64_t* new_lengths, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(s.batch * s.heads);
+  if (s.bits == 2) {
+    append_kernel<T, 2><<<blocks, 128, 0, stream>>>(s, kivi_dims(s), kn, vn, new_len, new_lengths);
+  } else {
+    append_kernel<T, 4><<<blocks, 128, 0, stream>>>(s, kivi_dims(s), kn, vn, new_len, new_lengths);
+  }
+  advance_state_kernel<<<static_cast<unsigned>((s.batch + 127) / 128), 128, 0, stream>>>(s, new_len, new_lengths);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t kivi_attention(const AttentionArgs& a, const KiviStorage& s, DType dtype, void* workspace,
+                           cudaStream_t stream) {
+  switch (dtype) {
+    case DType::Float32: return attention_typed<float>(a, s, workspace, stream);
+    case DType::Float16: return attention_typed<__half>(a, s, workspace, stream);
+    case DType::BFloat16: return attention_typed<__nv_bfloat16>(a, s, workspace, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t kivi_append(const KiviStorage& s, DType dtype, const Strided& k_new, const Strided& v_new,
+                        int64_t new_len, const int64_t* new_lengths, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::Float32: return append_typed<float>(s, k_new, v_new, new_len, new_lengths, stream);
+    case DType::Float16: return append_typed<__half>(s, k_new, v_new, new_len, new_lengths, stream);
+    case DType::BFloat16: return append_typed<__nv_bfloat16>(s, k_new, v_new, new_len, new_lengths, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace effx
