@@ -70,6 +70,17 @@ void dequantize_span(const int32_t* codes, int64_t n, int64_t G, const P* scale,
   for (int64_t g0 = 0; g0 < n; g0 += G) {
     const float sc = to_float(scale[g0 / G]);
     const float mn = to_float(zero[g0 / G]);
+    if (G % kPerWord == 0) {  // whole words per group: constant shifts, no division per value
+      const int32_t* w = codes + g0 / kPerWord;
+      O* o = out + g0;
+      for (int64_t i = 0; i < G / kPerWord; ++i) {
+        const uint32_t word = static_cast<uint32_t>(w[i]);
+        for (int j = 0; j < kPerWord; ++j) {
+          o[i * kPerWord + j] = from_float<O>(static_cast<float>((word >> (BITS * j)) & kMask) * sc + mn);
+        }
+      }
+      continue;
+    }
     for (int64_t j = g0; j < g0 + G; ++j) {
       const uint32_t word = static_cast<uint32_t>(codes[j / kPerWord]);
       const uint32_t c = (word >> (BITS * (j % kPerWord))) & kMask;

@@ -1,0 +1,74 @@
+// effx C++ benchmark: one decode step of the KIVI-2/4 and dense cache attention CPU kernels,
+// torch-free: B = 1, 8 kv-heads, 32 query heads, head_dim 128, T = 8192 cached tokens.
+#include <cstdio>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "effx/kivi.h"
+#include "timing.h"
+
+namespace {
+
+constexpr int64_t B = 1, H = 8, HQ = 32, D = 128, T = 8192, R = 128, G = 32, C = T + 64;
+
+effx::AttentionArgs decode_args(std::vector<float>& q, std::vector<float>& kn, std::vector<float>& vn,
+                                std::vector<float>& out, const int64_t* lengths, int64_t stride) {
+  effx::AttentionArgs a{};
+  a.batch = B;
+  a.q_heads = HQ;
+  a.kv_heads = H;
+  a.q_len = 1;
+  a.head_dim = D;
+  a.q = {q.data(), HQ * D, D, D};
+  a.k_new = {kn.data(), H * D, D, D};
+  a.v_new = {vn.data(), H * D, D, D};
+  a.out = out.data();
+  a.lengths = lengths;
+  a.lengths_stride = stride;
+  a.causal = true;
+  a.sm_scale = 0.088f;
+  a.max_cached = C;
+  return a;
+}
+
+}  // namespace
+
+int main() {
+  const int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const double roof = effx_bench::host_copy_gbps();
+  std::printf("host copy roof: %.1f GB/s, threads: %d; decode step B=%lld Hkv=%lld Hq=%lld D=%lld T=%lld\n", roof,
+              threads, (long long)B, (long long)H, (long long)HQ, (long long)D, (long long)T);
+  std::mt19937 rng(0);
+  std::normal_distribution<float> dist;
+  std::vector<float> q(B * HQ * D), kn(B * H * D), vn(B * H * D), out(B * HQ * D);
+  for (auto* v : {&q, &kn, &vn}) for (auto& x : *v) x = dist(rng);
+
+  std::vector<float> k(B * H * C * D), v(k.size());
+  for (auto& x : k) x = dist(rng);
+  for (auto& x : v) x = dist(rng);
+  const int64_t len = T;
+  const effx::DenseKV dense{k.data(), v.data(), H * C * D, C * D, D};
+  auto a = decode_args(q, kn, vn, out, &len, 1);
+  const double t_dense = effx_bench::median_seconds([&] { effx::cpu::dense_attention(a, dense, effx::DType::Float32, threads); });
+  const double dense_bytes = 2.0 * B * H * T * D * 4;
+  std::printf("%-12s %10.3f ms %8.1f GB/s %6.1f%% of roof\n", "dense fp32", t_dense * 1e3, dense_bytes / t_dense / 1e9,
+              100 * dense_bytes / t_dense / 1e9 / roof);
+
+  for (int bits : {2, 4}) {
+    std::vector<int32_t> k_codes(B * H * D * C * bits / 32), v_codes(B * H * C * D * bits / 32);
+    std::vector<float> k_scale(B * H * D * C / G), k_zero(k_scale.size()), v_scale(B * H * C * D / G),
+        v_zero(v_scale.size()), k_res(B * H * D * R), v_res(B * H * R * D);
+    std::vector<int64_t> state(B * 3, 0);
+    const effx::KiviStorage s{B, H, D, C, R, bits, static_cast<int>(G), k_codes.data(), k_scale.data(), k_zero.data(),
+                              v_codes.data(), v_scale.data(), v_zero.data(), k_res.data(), v_res.data(), state.data()};
+    const effx::Strided ks{k.data(), H * C * D, C * D, D}, vs{v.data(), H * C * D, C * D, D};
+    effx::cpu::kivi_append(s, effx::DType::Float32, ks, vs, T, nullptr, threads);
+    auto ka = decode_args(q, kn, vn, out, state.data(), 3);
+    const double t = effx_bench::median_seconds([&] { effx::cpu::kivi_attention(ka, s, effx::DType::Float32, threads); });
+    const double bytes = (k_codes.size() + v_codes.size()) * 4.0 * T / C + (k_scale.size() + v_scale.size()) * 8.0 * T / C;
+    std::printf("kivi-%d      %10.3f ms %8.1f GB/s %6.1f%% of roof, %.2fx dense time\n", bits, t * 1e3, bytes / t / 1e9,
+                100 * bytes / t / 1e9 / roof, t / t_dense);
+  }
+  return 0;
+}
