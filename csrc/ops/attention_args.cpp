@@ -139,6 +139,7 @@ AttentionCall prepare_attention(const char* op, const at::Tensor& q_in, const at
   a.causal = causal;
   a.sm_scale = static_cast<float>(sm_scale);
   a.max_cached = capacity;
+  a.scores = nullptr;
   return c;
 }
 

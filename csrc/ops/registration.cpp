@@ -19,6 +19,16 @@ TORCH_LIBRARY(effx, m) {
       "Tensor lengths, Tensor? new_lengths, Tensor? parents, bool causal, float sm_scale) "
       "-> (Tensor out, Tensor lse)");
 
+  // H2O heavy hitters (SPECS.md section 3; storage in include/effx/h2o.h): dense attention that
+  // also accumulates each cached token's attention probability into `scores`, and eviction.
+  m.def(
+      "h2o_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor k_cache, Tensor v_cache, "
+      "Tensor lengths, Tensor? new_lengths, Tensor? parents, Tensor(a!) scores, bool causal, "
+      "float sm_scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "h2o_evict_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) scores, Tensor(d!) positions, "
+      "Tensor(e!) state, int heavy, int recent) -> ()");
+
   // KIVI 2/4-bit KV cache (SPECS.md section 2; storage layout in include/effx/kivi.h).
   m.def(
       "kivi_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor k_codes, Tensor k_scale, "

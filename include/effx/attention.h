@@ -35,6 +35,12 @@ struct AttentionArgs {
   bool causal;
   float sm_scale;
   int64_t max_cached;           // upper bound of lengths[b] (the cache capacity), for planning
+  // H2O scoring (optional): scores [B, Hkv, >= lengths[b] + new tokens] fp32, row (b, h) at
+  // b * scores_sb + h * scores_sh. Cached token t gains the sum over the group's query heads
+  // and the step's queries of its attention probability; new token j's entry n + j is set
+  // to that sum.
+  float* scores;
+  int64_t scores_sb, scores_sh;
 };
 
 // Plain cached K/V: k, v [B, Hkv, capacity, D] with the given strides (shared by k and v).

@@ -40,3 +40,13 @@ def _kivi_attention_fake(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_s
 def _kivi_append_fake(k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, state,
                       new_lengths, bits, group_size):
     return None
+
+
+@torch.library.register_fake("effx::h2o_attention")
+def _h2o_attention_fake(q, k_new, v_new, k_cache, v_cache, lengths, new_lengths, parents, scores, causal, sm_scale):
+    return _attention_fake(q)
+
+
+@torch.library.register_fake("effx::h2o_evict_")
+def _h2o_evict_fake(k_cache, v_cache, scores, positions, state, heavy, recent):
+    return None

@@ -23,6 +23,7 @@ __all__ = [
     "KVCache",
     "DenseCache",
     "KIVICache",
+    "H2OCache",
     "QuantizedKeys",
     "QuantizedValues",
     "kivi_quantize_keys",
@@ -88,11 +89,11 @@ class KVCache:
                 _fail(name, "parents[i] must be in [-1, i) (a node's parent comes before it)")
             tree = tree.to(self.device)
         self._check_capacity(name, layer, added)
-        out, lse = self._attention(layer, q, k_new, v_new, new_lengths, tree)
         if tree is None:
-            self._append(layer, k_new, v_new, new_lengths)
+            out, lse = self._attend_and_store(layer, q, k_new, v_new, new_lengths, added)
             self._host_lengths[layer] += added
         else:
+            out, lse = self._attention(layer, q, k_new, v_new, new_lengths, tree)
             self._pending[layer] = (k_new, v_new)
         return (out, lse) if return_lse else out
 
@@ -106,7 +107,7 @@ class KVCache:
                            k_new, v_new)
         added, new_lengths = self._new_lengths(name, lengths, k_new.shape[2])
         self._check_capacity(name, layer, added)
-        self._append(layer, k_new, v_new, new_lengths)
+        self._append(layer, k_new, v_new, new_lengths, added)
         self._host_lengths[layer] += added
 
     def commit_tree(self, accepted: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> None:
@@ -141,7 +142,7 @@ class KVCache:
             k_path = torch.gather(k_tree, 2, gather)
             v_path = torch.gather(v_tree, 2, gather)
             ragged = counts.to(self.device) if (counts != width).any() else None
-            self._append(layer, k_path, v_path, ragged)
+            self._append(layer, k_path, v_path, ragged, counts)
             self._host_lengths[layer] += counts
 
     def seq_len(self, layer: int = 0) -> int:
@@ -157,14 +158,25 @@ class KVCache:
         """Bytes of storage this cache holds, all layers."""
         return sum(t.nbytes for t in self._storage_tensors())
 
-    # --- what each policy defines: crop(n), and the three hooks below ----------------------------
+    # --- what each policy defines: crop(n), and the hooks below ---------------------------------
     def _attention(self, layer, q, k_new, v_new, new_lengths, parents):
         """(out, lse) of the fused attention over cached + new tokens."""
         raise NotImplementedError(type(self).__name__)
 
-    def _append(self, layer, k_new, v_new, new_lengths):
-        """Store the new tokens (the base class advances the host lengths)."""
+    def _append(self, layer, k_new, v_new, new_lengths, added):
+        """Store the new tokens (``added``: per row, on the host; the base class advances the
+        host lengths afterwards)."""
         raise NotImplementedError(type(self).__name__)
+
+    def _attend_and_store(self, layer, q, k_new, v_new, new_lengths, added):
+        """A regular (non-tree) step: attention, then storage."""
+        out = self._attention(layer, q, k_new, v_new, new_lengths, None)
+        self._append(layer, k_new, v_new, new_lengths, added)
+        return out
+
+    def _held(self, layer: int) -> torch.Tensor:
+        """Tokens stored per row on the host (all seen ones, unless the policy evicts)."""
+        return self._host_lengths[layer]
 
     def _storage_tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError(type(self).__name__)
@@ -184,10 +196,11 @@ class KVCache:
         return added, added.to(self.device)
 
     def _check_capacity(self, name: str, layer: int, added: torch.Tensor) -> None:
-        over = self._host_lengths[layer] + added > self.capacity
+        held = self._held(layer)
+        over = held + added > self.capacity
         if over.any():
             b = int(over.nonzero()[0])
-            _fail(name, f"capacity exceeded in row {b}: {int(self._host_lengths[layer, b])} cached + "
+            _fail(name, f"capacity exceeded in row {b}: {int(held[b])} cached + "
                         f"{int(added[b])} new > capacity {self.capacity}")
 
     def _check_tokens(self, name: str, q, k_new, v_new) -> None:
@@ -203,6 +216,24 @@ class KVCache:
             _fail(name, f"q must have shape [{b}, q_heads, {k_new.shape[2]}, {d}], got {list(q.shape)}")
         if q.shape[1] % h:
             _fail(name, f"q heads ({q.shape[1]}) must be a multiple of kv heads ({h})")
+
+
+def _store_tokens(pairs, offsets: torch.Tensor, counts: torch.Tensor) -> None:
+    """For each (storage [B, H, C, ...], new [B, H, T, ...]): copy row b's first counts[b] new
+    tokens to slots offsets[b] + (0, 1, ...). Offsets and counts live on the host."""
+    if bool((offsets == offsets[0]).all() & (counts == counts[0]).all()):
+        n, tn = int(offsets[0]), int(counts[0])
+        for storage, new in pairs:
+            storage[:, :, n:n + tn] = new[:, :, :tn]
+        return
+    # Ragged rows: scatter each row's valid tokens after its own length.
+    device = pairs[0][0].device
+    rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    steps = torch.cat([torch.arange(int(c)) for c in counts])
+    slots = (offsets[rows] + steps).to(device)
+    rows, steps = rows.to(device), steps.to(device)
+    for storage, new in pairs:
+        storage[rows, :, slots] = new[rows, :, steps]
 
 
 class DenseCache(KVCache):
@@ -223,22 +254,9 @@ class DenseCache(KVCache):
         return torch.ops.effx.dense_attention(q, k_new, v_new, self.k[layer], self.v[layer], self._lengths[layer],
                                               new_lengths, parents, True, self.sm_scale)
 
-    def _append(self, layer, k_new, v_new, new_lengths):
-        host = self._host_lengths[layer]
-        tn = k_new.shape[2]
-        if new_lengths is None and bool((host == host[0]).all()):
-            n = int(host[0])
-            self.k[layer][:, :, n:n + tn] = k_new
-            self.v[layer][:, :, n:n + tn] = v_new
-        else:
-            # Ragged rows: scatter each row's valid tokens after its own length.
-            counts = new_lengths.cpu() if new_lengths is not None else torch.full_like(host, tn)
-            rows = torch.repeat_interleave(torch.arange(self.batch_size), counts)
-            steps = torch.cat([torch.arange(int(c)) for c in counts])
-            pos = host[rows] + steps
-            self.k[layer][rows, :, pos] = k_new[rows, :, steps]
-            self.v[layer][rows, :, pos] = v_new[rows, :, steps]
-        self._lengths[layer] += new_lengths if new_lengths is not None else tn
+    def _append(self, layer, k_new, v_new, new_lengths, added):
+        _store_tokens([(self.k[layer], k_new), (self.v[layer], v_new)], self._host_lengths[layer], added)
+        self._lengths[layer] += new_lengths if new_lengths is not None else k_new.shape[2]
 
     def crop(self, n: int) -> None:
         if n < 0:
@@ -356,7 +374,7 @@ class KIVICache(KVCache):
         return torch.ops.effx.kivi_attention(q, k_new, v_new, *(s[n] for n in self._STORAGE), new_lengths, parents,
                                              self.bits, self.group_size, True, self.sm_scale)
 
-    def _append(self, layer, k_new, v_new, new_lengths):
+    def _append(self, layer, k_new, v_new, new_lengths, added):
         s = self._layers[layer]
         torch.ops.effx.kivi_append_(k_new, v_new, *(s[n] for n in self._STORAGE), new_lengths, self.bits,
                                     self.group_size)
@@ -386,3 +404,138 @@ class KIVICache(KVCache):
 
     def _storage_tensors(self):
         return [t for s in self._layers for t in s.values()]
+
+
+class H2OCache(KVCache):
+    """H2O heavy-hitter eviction (SPECS.md section 3) over plain K/V storage.
+
+    Every step appends the new tokens, attends over held + new tokens while the kernel adds
+    each token's attention probability (summed over the query heads of its kv-head's group and
+    over the step's queries) to its score, then evicts, per (row, kv-head), down to the
+    ``recent`` newest tokens plus the ``heavy`` highest-scoring others (the older of equal
+    scores goes first). Scores are never reset while a token stays.
+
+    ``heavy`` and ``recent`` are token counts (ints) or fractions of the prompt length (floats
+    in [0, 1], resolved from the longest row of the first step; the paper's 20% budget is
+    ``heavy=0.1, recent=0.1``). ``capacity`` bounds the tokens held at once, so it must cover
+    the budget plus one step (the whole prompt for the first step); long prompts are scored
+    ``prefill_chunk`` queries at a time, never with a [T, T] matrix. Steps with a token tree
+    (``parents``) do not add to the scores; the committed tokens start from score 0.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, *,
+                 heavy: int | float, recent: int | float, dtype: torch.dtype = torch.float16,
+                 device: torch.device | str = "cpu", sm_scale: float | None = None, prefill_chunk: int = 512):
+        super().__init__(num_layers, batch_size, num_kv_heads, head_dim, capacity, dtype=dtype, device=device,
+                         sm_scale=sm_scale)
+        for arg, value in (("heavy", heavy), ("recent", recent)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                _fail("H2OCache", f"{arg} must be a token count >= 0 or a fraction in [0, 1], got {value!r}")
+            if isinstance(value, float) and value > 1:
+                _fail("H2OCache", f"{arg} as a fraction of the prompt must be in [0, 1], got {value}")
+        if isinstance(heavy, int) and isinstance(recent, int) and heavy + recent > capacity:
+            _fail("H2OCache", f"heavy + recent ({heavy} + {recent}) must not exceed capacity ({capacity})")
+        if prefill_chunk < 1:
+            _fail("H2OCache", f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self._budget_spec = (heavy, recent)
+        self.heavy: int | None = heavy if isinstance(heavy, int) else None
+        self.recent: int | None = recent if isinstance(recent, int) else None
+        self.prefill_chunk = prefill_chunk
+        b, h, c, d, dev = batch_size, num_kv_heads, capacity, head_dim, self.device
+        self.k = [torch.zeros(b, h, c, d, dtype=dtype, device=dev) for _ in range(num_layers)]
+        self.v = [torch.zeros(b, h, c, d, dtype=dtype, device=dev) for _ in range(num_layers)]
+        self._scores = [torch.zeros(b, h, c, dtype=torch.float32, device=dev) for _ in range(num_layers)]
+        self._positions = [torch.zeros(b, h, c, dtype=torch.int64, device=dev) for _ in range(num_layers)]
+        self._state = [torch.zeros(b, 2, dtype=torch.int64, device=dev) for _ in range(num_layers)]  # held, seen
+        self._host_held = torch.zeros(num_layers, batch_size, dtype=torch.int64)
+
+    def _resolve_budget(self, prompt: int) -> None:
+        if self.heavy is not None and self.recent is not None:
+            return
+        heavy, recent = (round(x * prompt) if isinstance(x, float) else x for x in self._budget_spec)
+        if heavy + recent > self.capacity:
+            _fail("H2OCache", f"heavy + recent ({heavy} + {recent} for a prompt of {prompt}) must not exceed "
+                              f"capacity ({self.capacity})")
+        self.heavy, self.recent = heavy, recent
+
+    def _held(self, layer: int) -> torch.Tensor:
+        return self._host_held[layer]
+
+    def _attention(self, layer, q, k_new, v_new, new_lengths, parents):
+        held = self._state[layer][:, 0]
+        return torch.ops.effx.dense_attention(q, k_new, v_new, self.k[layer], self.v[layer], held, new_lengths,
+                                              parents, True, self.sm_scale)
+
+    def _store(self, layer, k_new, v_new, added) -> None:
+        """Copy new tokens after each row's held slots, with their stream positions."""
+        held, seen = self._host_held[layer], self._host_lengths[layer]
+        tn = k_new.shape[2]
+        steps = torch.arange(tn, device=self.device)
+        pos = (seen.to(self.device)[:, None] + steps)[:, None, :].expand(-1, self.num_kv_heads, -1)
+        _store_tokens([(self.k[layer], k_new), (self.v[layer], v_new), (self._positions[layer], pos)], held, added)
+        self._state[layer] += torch.stack([added, added], 1).to(self.device)
+        self._host_held[layer] += added
+
+    def _evict(self, layer) -> None:
+        torch.ops.effx.h2o_evict_(self.k[layer], self.v[layer], self._scores[layer], self._positions[layer],
+                                  self._state[layer], self.heavy, self.recent)
+        self._host_held[layer].clamp_(max=self.heavy + self.recent)
+
+    def _attend_and_store(self, layer, q, k_new, v_new, new_lengths, added):
+        self._resolve_budget(int(added.max()))
+        outs, lses = [], []
+        tn = k_new.shape[2]
+        for c0 in range(0, tn, self.prefill_chunk):
+            c1 = min(tn, c0 + self.prefill_chunk)
+            part = (added - c0).clamp(0, c1 - c0)
+            chunk_lengths = part.to(self.device) if new_lengths is not None else None
+            out, lse = torch.ops.effx.h2o_attention(
+                q[:, :, c0:c1], k_new[:, :, c0:c1], v_new[:, :, c0:c1], self.k[layer], self.v[layer],
+                self._state[layer][:, 0], chunk_lengths, None, self._scores[layer], True, self.sm_scale)
+            # The chunk's tokens are cached before the next chunk attends (their scores were set
+            # by the kernel in the slots they now fill).
+            self._store(layer, k_new[:, :, c0:c1], v_new[:, :, c0:c1], part)
+            self._host_lengths[layer] += part
+            outs.append(out)
+            lses.append(lse)
+        self._host_lengths[layer] -= added  # the base class advances it once for the whole step
+        self._evict(layer)
+        return torch.cat(outs, 2), torch.cat(lses, 2)
+
+    def _append(self, layer, k_new, v_new, new_lengths, added):
+        # Committed tree tokens: stored with zero scores, then the budget applies.
+        held = self._host_held[layer]
+        zeros = torch.zeros(k_new.shape[:3], dtype=torch.float32, device=self.device)
+        _store_tokens([(self._scores[layer], zeros)], held, added)
+        self._resolve_budget(int((self._host_lengths[layer] + added).max()))
+        self._store(layer, k_new, v_new, added)
+        self._evict(layer)
+
+    def scores(self, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, positions) of the tokens each (row, kv-head) holds, ordered by position:
+        [B, Hkv, held] each; rows holding fewer tokens are padded with score 0, position -1."""
+        self._check_layer("H2OCache.scores", layer)
+        width = int(self._host_held[layer].max())
+        held = self._host_held[layer].to(self.device)
+        slot = torch.arange(width, device=self.device)
+        valid = slot[None, None, :] < held[:, None, None]
+        pos = torch.where(valid, self._positions[layer][..., :width], torch.full_like(slot, -1))
+        order = torch.where(valid, pos, torch.full_like(pos, torch.iinfo(torch.int64).max)).argsort(-1)
+        sc = torch.where(valid, self._scores[layer][..., :width], torch.zeros(()))
+        return sc.gather(-1, order), pos.gather(-1, order)
+
+    def crop(self, n: int) -> None:
+        if n < 0:
+            _fail("H2OCache.crop", f"n must be >= 0, got {n}")
+        evicted = self._host_lengths > self._host_held
+        if evicted.any():
+            layer, b = (int(i) for i in evicted.nonzero()[0])
+            _fail("H2OCache.crop", f"cannot crop: row {b} of layer {layer} has evicted tokens, so positions no "
+                                   f"longer map to slots")
+        self._host_lengths.clamp_(max=n)
+        self._host_held.clamp_(max=n)
+        for state in self._state:
+            state.clamp_(max=n)
+
+    def _storage_tensors(self):
+        return self.k + self.v + self._scores + self._positions + self._state

@@ -3,7 +3,9 @@
 // values [block][D]); the engine appends the step's new tokens, masks, and runs one online
 // softmax (running max and sum, rescaled per block) so no [queries, tokens] matrix is ever
 // materialized. Work unit: (batch row, kv-head, chunk of query tokens), so the query heads of
-// one GQA group share every loaded block.
+// one GQA group share every loaded block. With H2O scoring, a unit takes all query tokens of
+// its (row, kv-head) and keeps each block's exponentials with the running max they used, so
+// the final probabilities come from one rescale at the end instead of a second pass.
 #pragma once
 
 #include <algorithm>
@@ -25,7 +27,9 @@ template <typename T, typename Cached>
 void run_attention(const AttentionArgs& a, const Cached& cached, int num_threads) {
   const int64_t D = a.head_dim;
   const int64_t group = a.q_heads / a.kv_heads;
-  const int64_t chunk = std::max<int64_t>(1, 64 / group);  // query tokens per unit
+  const bool scoring = a.scores != nullptr;
+  // query tokens per unit (scoring sums over all of them, so one unit owns them all)
+  const int64_t chunk = scoring ? std::max<int64_t>(1, a.q_len) : std::max<int64_t>(1, 64 / group);
   const int64_t chunks = (a.q_len + chunk - 1) / chunk;
   const int64_t units = a.batch * a.kv_heads * chunks;
   const int64_t BT = cached.block();
@@ -43,6 +47,7 @@ void run_attention(const AttentionArgs& a, const Cached& cached, int num_threads
     std::vector<float> qs(max_rows * D), acc(max_rows * D), kt(D * BT), v(BT * D),
         s(max_rows * BT), m(max_rows), l(max_rows);
     std::vector<uint64_t> ancestors(tree ? chunk * mask_words : 0);
+    std::vector<float> probs, block_max;  // scoring: [rows][tokens] and [rows][blocks]
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t b = u / (a.kv_heads * chunks);
@@ -75,6 +80,11 @@ void run_attention(const AttentionArgs& a, const Cached& cached, int num_threads
       // New tokens visible to the last valid query of the unit.
       const int64_t new_seen = (a.causal || tree) ? i1 : tn;
       const int64_t total = rows > 0 ? n + new_seen : 0;
+      const int64_t blocks = (total + BT - 1) / BT;
+      if (scoring) {
+        probs.assign(rows * total, 0.0f);
+        block_max.assign(rows * blocks, kNegInf);
+      }
 
       for (int64_t t0 = 0; t0 < total; t0 += BT) {
         const int64_t t1 = std::min(t0 + BT, total), bt = t1 - t0;
@@ -118,6 +128,10 @@ void run_attention(const AttentionArgs& a, const Cached& cached, int num_threads
           }
           l[r] = l[r] * alpha + sum;
           m[r] = mx;
+          if (scoring) {
+            std::copy(sr, sr + bt, probs.begin() + r * total + t0);
+            block_max[r * blocks + t0 / BT] = mx;
+          }
           float* ar = acc.data() + r * D;
           for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
           for (int64_t j = 0; j < bt; ++j) {
@@ -126,6 +140,25 @@ void run_attention(const AttentionArgs& a, const Cached& cached, int num_threads
             for (int64_t d = 0; d < D; ++d) ar[d] += p * vj[d];
           }
         }
+      }
+
+      if (scoring && rows > 0) {
+        // p = exp(s - m_block) * exp(m_block - m_final) / l, summed over the unit's rows.
+        std::vector<float> factor(rows * blocks);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t k = 0; k < blocks; ++k) {
+            const float mb = block_max[r * blocks + k];
+            factor[r * blocks + k] = mb == kNegInf ? 0.0f : std::exp(mb - m[r]) / l[r];
+          }
+        }
+        float* sc = a.scores + b * a.scores_sb + hk * a.scores_sh;
+        for (int64_t t = 0; t < total; ++t) {
+          float col = 0.0f;
+          for (int64_t r = 0; r < rows; ++r) col += probs[r * total + t] * factor[r * blocks + t / BT];
+          sc[t] = t < n ? sc[t] + col : col;
+        }
+        // New tokens no valid query saw (padding) start at zero.
+        for (int64_t t = total; t < n + tn; ++t) sc[t] = 0.0f;
       }
 
       for (int64_t i = i0; i < std::min(i0 + chunk, a.q_len); ++i) {
