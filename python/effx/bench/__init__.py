@@ -4,11 +4,12 @@ Every suite returns :class:`effx.bench.harness.Record` rows measured against the
 own roofs (copy bandwidth, matmul rate) and against the plain-PyTorch way of doing the same.
 """
 
-from effx.bench import kivi, quant
+from effx.bench import h2o, kivi, quant
 
 SUITES = {
     "quant": quant.run,
     "kivi": kivi.run,
+    "h2o": h2o.run,
 }
 
 __all__ = ["SUITES"]
