@@ -11,4 +11,17 @@ TORCH_LIBRARY(effx, m) {
   m.def(
       "dequantize(Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, "
       "ScalarType dtype) -> Tensor");
+
+  // Monarch structured matrices (SPECS.md section 6): x [..., k*p], w1 (k, q, p), w2 (l, s, r).
+  m.def("monarch_matmul(Tensor x, Tensor w1, Tensor w2) -> Tensor");
+  m.def(
+      "monarch_matmul_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2) -> "
+      "(Tensor grad_x, Tensor grad_w1, Tensor grad_w2)");
+
+  // Pixelated butterfly (SPECS.md section 6): block-CSR matmul, x [..., C*block],
+  // blocks (nnz, block, block), row_offsets [R + 1], col_indices [nnz] (int64).
+  m.def("block_sparse_matmul(Tensor x, Tensor blocks, Tensor row_offsets, Tensor col_indices) -> Tensor");
+  m.def(
+      "block_sparse_matmul_backward(Tensor grad_out, Tensor x, Tensor blocks, Tensor row_offsets, "
+      "Tensor col_indices) -> (Tensor grad_x, Tensor grad_blocks)");
 }
