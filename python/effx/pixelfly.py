@@ -5,7 +5,8 @@ butterfly, plus a low-rank term. This module builds the pattern in the block-CSR
 The flat block butterfly of size ``2^m`` is the sum of the masks of the first ``m`` butterfly
 factors over the block grid: factor ``t`` (``t = 0 .. m-1``) links block ``i`` with ``i`` and
 ``i XOR 2^t``, so block ``(i, j)`` is present when ``i XOR j`` is 0 or a power of two below
-``2^m``. A rectangular ``R x C`` grid stretches the square pattern of side ``max(R, C)``.
+``2^m``. A rectangular ``R x C`` grid merges consecutive rows (or columns) of the square
+pattern of side ``max(R, C)``, so every input and output block stays connected.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ def butterfly_layout(row_blocks: int, col_blocks: int, butterfly_size: int) -> t
     if butterfly_size < 1 or butterfly_size & (butterfly_size - 1):
         raise ValueError(f"effx.pixelfly: butterfly_size must be a power of two, got {butterfly_size}")
     side = max(row_blocks, col_blocks)
-    i = torch.arange(row_blocks) * side // row_blocks
-    j = torch.arange(col_blocks) * side // col_blocks
-    diff = i[:, None] ^ j[None, :]
-    is_pow2 = (diff & (diff - 1)) == 0  # true for 0 and powers of two
-    return is_pow2 & (diff < butterfly_size)
+    u = torch.arange(side)
+    diff = u[:, None] ^ u[None, :]
+    square = (((diff & (diff - 1)) == 0) & (diff < butterfly_size)).double()  # diff 0 or a power of two
+    # Shrinking a side merges consecutive square rows (columns): a block is present when any
+    # square block it covers is, so every row and column keeps at least its diagonal block.
+    rows = torch.nn.functional.one_hot(u * row_blocks // side, row_blocks).double().T
+    cols = torch.nn.functional.one_hot(u * col_blocks // side, col_blocks).double().T
+    return (rows @ square @ cols.T) > 0
 
 
 def layout_to_csr(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
