@@ -13,7 +13,7 @@ from effx.bench.harness import median_time
 
 # Methods of the model runner that have not landed yet; each row says so plainly.
 _PENDING = ["dense KV cache", "KIVI-2", "KIVI-4", "H2O 20%", "sparse MLP (DejaVu)",
-            "tree speculation", "offload (FlexGen)", "MonarchLinear"]
+            "tree speculation", "offload (FlexGen)"]
 
 
 def run_demo(device: torch.device) -> int:
@@ -35,6 +35,11 @@ def run_demo(device: torch.device) -> int:
             td = median_time(lambda: ops.dequantize(codes, scale, zero, bits, group, dtype), device, runs=10)
             name = f"quantize {bits}-bit, G={group}"
             print(f"{name:<26} {held:>11,} {fp16_bytes / held:>7.2f}x {err:>11.2e} {tq * 1e3:>9.3f} {td * 1e3:>11.3f}")
+    print()
+    from effx.monarch import monarch_demo_row
+
+    print(f"{'structured layer':<26} {'bytes':>11} {'vs dense':>8} {'rel. error':>11} {'ms':>9} {'dense ms':>11}")
+    print(monarch_demo_row(device))
     print()
     for name in _PENDING:
         print(f"{name:<26} not built yet")

@@ -112,7 +112,8 @@ void check_shapes() {
   // rows, (k, q, p), (l, s, r), x_row_stride
   check_all_dtypes({5, 4, 4, 4, 4, 4, 4, 16}, 1);             // square, sqrt(n) blocks
   check_all_dtypes({37, 3, 5, 7, 5, 2, 3, 21 + 4}, 2);        // rectangular, odd, strided x
-  check_all_dtypes({300, 8, 16, 16, 8, 16, 16, 128}, 4);      // several row tiles, 4 threads
+  check_all_dtypes({300, 8, 16, 16, 8, 16, 16, 128}, 4);      // 3 row tiles shared by 4 threads
+  check_all_dtypes({300, 8, 16, 16, 8, 16, 16, 128}, 2);      // whole tiles per thread
   check_all_dtypes({130, 2, 12, 9, 6, 5, 4, 18}, 3);          // l != k, chunked blocks
   check_all_dtypes({1, 1, 1, 1, 1, 1, 1, 1}, 2);               // the smallest shape
 }

@@ -2,9 +2,10 @@
 // include/effx/monarch.h). Rows are processed in tiles of kTileRows; for each tile, stage 1
 // (k blocks of w1) writes the intermediate out1 as [n_mid][tile] into a buffer that stays in
 // cache, and stage 2 (l blocks of w2) reads it back through the P1 stride pattern, so out1
-// never goes to memory. Within a stage, threads own whole weight blocks (split into row
-// chunks when blocks are fewer than threads): every thread reuses its own weights from tile
-// to tile, and the weight gradients need no reduction across threads.
+// never goes to memory. The forward gives whole tiles to threads when there are enough of
+// them. Otherwise, and in the backward, threads split each tile's stages by weight blocks
+// (row chunks when blocks are fewer than threads), so the weight gradients need no reduction
+// across threads.
 #include "effx/monarch.h"
 
 #include <algorithm>
@@ -36,18 +37,28 @@ int threads_for(const MonarchShape& m, int num_threads) {
   return work < kSerialWork ? 1 : std::max(1, num_threads);
 }
 
-// Stage 1 of one tile: mid[(i*q + a) * tile + t] = sum_b w1[i, a, b] x[t0 + t, i*p + b].
+// Stage 1, work item `item` of k * chunks (block i, a row chunk of it):
+// mid[(i*q + a) * tile + t] = sum_b w1[i, a, b] x[t0 + t, i*p + b].
 template <class K, typename T, typename Acc>
-void stage1_tile(const MonarchShape& m, const Acc* w1, const T* x, int64_t t0, int64_t nt,
-                 int64_t tile, Acc* mid, int64_t chunks, Workspace<Acc>& ws) {
-#pragma omp for schedule(static)
-  for (int64_t item = 0; item < m.k * chunks; ++item) {
-    const int64_t i = item / chunks, ch = item % chunks;
-    const int64_t a0 = chunk_begin(m.q, chunks, ch), a1 = chunk_begin(m.q, chunks, ch + 1);
-    K::run(a1 - a0, nt, m.p, MatA<Acc>{w1 + (i * m.q + a0) * m.p, m.p, 1},
-           MatB<T>{x + t0 * m.x_row_stride + i * m.p, 1, m.x_row_stride},
-           MatC<Acc>{mid + (i * m.q + a0) * tile, tile, 1}, false, ws);
-  }
+void stage1_item(const MonarchShape& m, const Acc* w1, const T* x, int64_t t0, int64_t nt,
+                 int64_t tile, Acc* mid, int64_t chunks, int64_t item, Workspace<Acc>& ws) {
+  const int64_t i = item / chunks, ch = item % chunks;
+  const int64_t a0 = chunk_begin(m.q, chunks, ch), a1 = chunk_begin(m.q, chunks, ch + 1);
+  K::run(a1 - a0, nt, m.p, MatA<Acc>{w1 + (i * m.q + a0) * m.p, m.p, 1},
+         MatB<T>{x + t0 * m.x_row_stride + i * m.p, 1, m.x_row_stride},
+         MatC<Acc>{mid + (i * m.q + a0) * tile, tile, 1}, false, ws);
+}
+
+// Stage 2 of the forward, work item `item` of l * chunks:
+// out[t0 + t, d*l + j] = sum_c w2[j, d, c] mid[(c*l + j) * tile + t].
+template <class K, typename T, typename Acc>
+void stage2_item(const MonarchShape& m, const Acc* w2, const Acc* mid, int64_t t0, int64_t nt,
+                 int64_t tile, T* out, int64_t chunks, int64_t item, Workspace<Acc>& ws) {
+  const int64_t j = item / chunks, ch = item % chunks;
+  const int64_t d0 = chunk_begin(m.s, chunks, ch), d1 = chunk_begin(m.s, chunks, ch + 1);
+  K::run(d1 - d0, nt, m.r, MatA<Acc>{w2 + (j * m.s + d0) * m.r, m.r, 1},
+         MatB<Acc>{mid + j * tile, m.l * tile, 1},
+         MatC<T>{out + t0 * m.n_out() + d0 * m.l + j, m.l, m.n_out()}, false, ws);
 }
 
 template <class K, typename T>
@@ -60,25 +71,39 @@ void forward_impl(const MonarchShape& m, const T* x, const T* w1_in, const T* w2
   const Acc* w2 = block_gemm::blocks_as<Acc>(w2_in, m.l, m.s, m.r, false, w2_store);
   const int threads = threads_for(m, num_threads);
   const int64_t tile = std::min(kTileRows, m.rows);
-  const int64_t n_out = m.n_out();
+  const int64_t tiles = (m.rows + tile - 1) / tile;
+
+  if (tiles >= threads) {
+    // Enough tiles for every thread: each runs whole tiles through both stages with its own
+    // out1 buffer, and the only barrier is the region's end (no per-tile barrier to stall on
+    // when another process holds a core).
+#pragma omp parallel num_threads(threads)
+    {
+      Workspace<Acc> ws;
+      std::vector<Acc> mid(m.n_mid() * tile);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t tt = 0; tt < tiles; ++tt) {
+        const int64_t t0 = tt * tile, nt = std::min(tile, m.rows - t0);
+        for (int64_t i = 0; i < m.k; ++i) stage1_item<K>(m, w1, x, t0, nt, tile, mid.data(), 1, i, ws);
+        for (int64_t j = 0; j < m.l; ++j) stage2_item<K>(m, w2, mid.data(), t0, nt, tile, out, 1, j, ws);
+      }
+    }
+    return;
+  }
+  // Few rows: threads share each tile, split by weight blocks, with a barrier per stage.
   const int64_t c1 = chunks_per_block(m.k, m.q, threads), c2 = chunks_per_block(m.l, m.s, threads);
   std::vector<Acc> mid(m.n_mid() * tile);
-
 #pragma omp parallel num_threads(threads)
   {
     Workspace<Acc> ws;
     for (int64_t t0 = 0; t0 < m.rows; t0 += tile) {
       const int64_t nt = std::min(tile, m.rows - t0);
-      stage1_tile<K>(m, w1, x, t0, nt, tile, mid.data(), c1, ws);
-      // Stage 2: out[t0 + t, d*l + j] = sum_c w2[j, d, c] mid[(c*l + j) * tile + t].
 #pragma omp for schedule(static)
-      for (int64_t item = 0; item < m.l * c2; ++item) {
-        const int64_t j = item / c2, ch = item % c2;
-        const int64_t d0 = chunk_begin(m.s, c2, ch), d1 = chunk_begin(m.s, c2, ch + 1);
-        K::run(d1 - d0, nt, m.r, MatA<Acc>{w2 + (j * m.s + d0) * m.r, m.r, 1},
-               MatB<Acc>{mid.data() + j * tile, m.l * tile, 1},
-               MatC<T>{out + t0 * n_out + d0 * m.l + j, m.l, n_out}, false, ws);
-      }
+      for (int64_t item = 0; item < m.k * c1; ++item)
+        stage1_item<K>(m, w1, x, t0, nt, tile, mid.data(), c1, item, ws);
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < m.l * c2; ++item)
+        stage2_item<K>(m, w2, mid.data(), t0, nt, tile, out, c2, item, ws);
     }
   }
 }
@@ -121,7 +146,9 @@ void backward_impl(const MonarchShape& m, const T* dout, const T* x, const T* w1
       for (int64_t t0 = 0; t0 < m.rows; t0 += tile) {
         const int64_t nt = std::min(tile, m.rows - t0);
         const T* dout_tile = dout + t0 * n_out;
-        stage1_tile<K>(m, w1, x, t0, nt, tile, mid.data(), c1, ws);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < m.k * c1; ++item)
+          stage1_item<K>(m, w1, x, t0, nt, tile, mid.data(), c1, item, ws);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < m.l * c2; ++item) {
           const int64_t j = item / c2, ch = item % c2;
