@@ -7,8 +7,9 @@
 //   out1 seen as (r, l) and transposed: z[j, c] = out1[c * l + j]          (P1)
 //   out2[j, d]      = sum_c w2[j, d, c] * z[j, c]                          (l blocks)
 //   out[d * l + j]  = out2[j, d]                                           (P2)
-// Accumulation is fp32 for fp32/fp16/bf16 storage and fp64 for Float64 (CPU only); the
-// intermediate out1 stays fp32 (fp64) and never leaves the tile being processed.
+// Accumulation is fp32 for fp32/fp16/bf16 storage and fp64 for Float64 (CPU only). On CPU the
+// intermediate out1 stays fp32 (fp64) and never leaves the row tile being processed; on CUDA
+// see monarch_cuda.h.
 #pragma once
 
 #include <cstdint>

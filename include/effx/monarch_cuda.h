@@ -1,7 +1,8 @@
 // effx family: Monarch structured matrices, CUDA entry points (layout in monarch.h).
 // dtype is Float32, Float16 or BFloat16. `workspace` holds rows * n_mid fp32 values (the
 // intermediate out1, and in the backward its gradient after it); monarch_workspace_floats
-// says how many. Kernels are enqueued on `stream`; launch errors come back as the result.
+// says how many. fp16/bf16 run on tensor cores, so out1 is rounded to that dtype when it is
+// read back as an operand (as the two-bmm PyTorch way does); fp32 stays fp32. Kernels are enqueued on `stream`; launch errors come back as the result.
 #pragma once
 
 #include <cuda_runtime_api.h>
