@@ -24,7 +24,7 @@ pytest:
 ctest:
 	cmake -S . -B $(BUILD_CPP) -G Ninja -DEFFX_BUILD_TESTS=ON
 	cmake --build $(BUILD_CPP)
-	ctest --test-dir $(BUILD_CPP) --output-on-failure
+	ctest --test-dir $(BUILD_CPP) --output-on-failure -LE bench
 
 bench: install
 	$(PYTHON) -m effx bench --json bench/results/latest.json

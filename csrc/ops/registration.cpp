@@ -40,4 +40,17 @@ TORCH_LIBRARY(effx, m) {
       "Tensor(c!) k_zero, Tensor(d!) v_codes, Tensor(e!) v_scale, Tensor(f!) v_zero, "
       "Tensor(g!) k_res, Tensor(h!) v_res, Tensor(i!) state, Tensor? new_lengths, int bits, "
       "int group_size) -> ()");
+
+  // Monarch structured matrices (SPECS.md section 6): x [..., k*p], w1 (k, q, p), w2 (l, s, r).
+  m.def("monarch_matmul(Tensor x, Tensor w1, Tensor w2) -> Tensor");
+  m.def(
+      "monarch_matmul_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2) -> "
+      "(Tensor grad_x, Tensor grad_w1, Tensor grad_w2)");
+
+  // Pixelated butterfly (SPECS.md section 6): block-CSR matmul, x [..., C*block],
+  // blocks (nnz, block, block), row_offsets [R + 1], col_indices [nnz] (int64).
+  m.def("block_sparse_matmul(Tensor x, Tensor blocks, Tensor row_offsets, Tensor col_indices) -> Tensor");
+  m.def(
+      "block_sparse_matmul_backward(Tensor grad_out, Tensor x, Tensor blocks, Tensor row_offsets, "
+      "Tensor col_indices) -> (Tensor grad_x, Tensor grad_blocks)");
 }

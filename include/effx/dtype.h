@@ -7,18 +7,23 @@
 
 namespace effx {
 
-enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+// Float64 is accepted only by the families that document it (Monarch, Pixelfly: CPU, for
+// gradcheck); every other kernel takes the first three.
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 
 inline const char* dtype_name(DType t) {
   switch (t) {
     case DType::Float32: return "float32";
     case DType::Float16: return "float16";
     case DType::BFloat16: return "bfloat16";
+    case DType::Float64: return "float64";
   }
   return "unknown";
 }
 
-inline int dtype_size(DType t) { return t == DType::Float32 ? 4 : 2; }
+inline int dtype_size(DType t) {
+  return t == DType::Float64 ? 8 : (t == DType::Float32 ? 4 : 2);
+}
 
 // Storage types on the host: 16-bit payloads with no arithmetic, so that kernels convert
 // once to fp32, compute, and convert back (accumulation is always fp32).

@@ -50,3 +50,67 @@ def _h2o_attention_fake(q, k_new, v_new, k_cache, v_cache, lengths, new_lengths,
 @torch.library.register_fake("effx::h2o_evict_")
 def _h2o_evict_fake(k_cache, v_cache, scores, positions, state, heavy, recent):
     return None
+
+
+# --- Monarch (SPECS.md section 6): x [..., k*p], w1 (k, q, p), w2 (l, s, r), l*r == k*q.
+
+
+def _check_monarch_shapes(x, w1, w2, op):
+    torch._check(w1.dim() == 3 and w2.dim() == 3, lambda: f"effx.{op}: w1 and w2 must be 3-D")
+    torch._check(w2.shape[0] * w2.shape[2] == w1.shape[0] * w1.shape[1],
+                 lambda: f"effx.{op}: w2 must have l * r == k * q")
+    torch._check(x.shape[-1] == w1.shape[0] * w1.shape[2], lambda: f"effx.{op}: x must have last dim k * p")
+
+
+@torch.library.register_fake("effx::monarch_matmul")
+def _monarch_matmul_fake(x, w1, w2):
+    _check_monarch_shapes(x, w1, w2, "monarch_matmul")
+    return x.new_empty(tuple(x.shape[:-1]) + (w2.shape[0] * w2.shape[1],))
+
+
+@torch.library.register_fake("effx::monarch_matmul_backward")
+def _monarch_matmul_backward_fake(grad_out, x, w1, w2):
+    _check_monarch_shapes(x, w1, w2, "monarch_matmul_backward")
+    return x.new_empty(x.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape)
+
+
+def _monarch_matmul_setup(ctx, inputs, output):
+    x, w1, w2 = inputs
+    ctx.save_for_backward(x, w1, w2)
+
+
+def _monarch_matmul_grad(ctx, grad_out):
+    x, w1, w2 = ctx.saved_tensors
+    return torch.ops.effx.monarch_matmul_backward(grad_out, x, w1, w2)
+
+
+torch.library.register_autograd("effx::monarch_matmul", _monarch_matmul_grad, setup_context=_monarch_matmul_setup)
+
+
+# --- Pixelated butterfly (SPECS.md section 6): block-CSR matmul.
+
+
+@torch.library.register_fake("effx::block_sparse_matmul")
+def _block_sparse_matmul_fake(x, blocks, row_offsets, col_indices):
+    torch._check(blocks.dim() == 3, lambda: "effx.block_sparse_matmul: blocks must be (nnz, block, block)")
+    return x.new_empty(tuple(x.shape[:-1]) + ((row_offsets.shape[0] - 1) * blocks.shape[1],))
+
+
+@torch.library.register_fake("effx::block_sparse_matmul_backward")
+def _block_sparse_matmul_backward_fake(grad_out, x, blocks, row_offsets, col_indices):
+    return x.new_empty(x.shape), blocks.new_empty(blocks.shape)
+
+
+def _block_sparse_matmul_setup(ctx, inputs, output):
+    x, blocks, row_offsets, col_indices = inputs
+    ctx.save_for_backward(x, blocks, row_offsets, col_indices)
+
+
+def _block_sparse_matmul_grad(ctx, grad_out):
+    x, blocks, row_offsets, col_indices = ctx.saved_tensors
+    grad_x, grad_blocks = torch.ops.effx.block_sparse_matmul_backward(grad_out, x, blocks, row_offsets, col_indices)
+    return grad_x, grad_blocks, None, None
+
+
+torch.library.register_autograd("effx::block_sparse_matmul", _block_sparse_matmul_grad,
+                                setup_context=_block_sparse_matmul_setup)

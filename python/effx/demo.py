@@ -16,7 +16,7 @@ from effx import kv, ops
 from effx.bench.harness import median_time
 
 # Methods of the model runner that have not landed yet; each row says so plainly.
-_PENDING = ["H2O 20%", "sparse MLP (DejaVu)", "tree speculation", "offload (FlexGen)", "MonarchLinear"]
+_PENDING = ["sparse MLP (DejaVu)", "tree speculation", "offload (FlexGen)"]
 
 BATCH, KV_HEADS, Q_HEADS, HEAD_DIM, PROMPT, STEPS = 1, 8, 32, 128, 1024, 64
 
@@ -46,6 +46,10 @@ def cache_rows(device: torch.device, dtype: torch.dtype) -> list[str]:
         "dense KV cache": kv.DenseCache(1, BATCH, KV_HEADS, HEAD_DIM, capacity, dtype=dtype, device=device),
         "KIVI-4": kv.KIVICache(1, BATCH, KV_HEADS, HEAD_DIM, capacity, bits=4, dtype=dtype, device=device),
         "KIVI-2": kv.KIVICache(1, BATCH, KV_HEADS, HEAD_DIM, capacity, bits=2, dtype=dtype, device=device),
+        # 20% of the prompt (10% heavy + 10% recent); the prompt is scored and evicted in
+        # chunks of 128 so the storage never exceeds the budget plus one chunk.
+        "H2O 20% (streamed prefill)": kv.H2OCache(1, BATCH, KV_HEADS, HEAD_DIM, PROMPT // 5 + 128, heavy=0.1,
+                                                 recent=0.1, dtype=dtype, device=device, prefill_chunk=128),
     }
     rows, reference = [], None
     for name, cache in caches.items():
@@ -89,6 +93,11 @@ def run_demo(device: torch.device) -> int:
     print(f"{'method':<26} {'bytes':>11} {'vs fp16':>8} {'rel. error':>11} {'quant ms':>9} {'dequant ms':>11}")
     for row in quant_rows(device, torch.float16):
         print(row)
+    print()
+    from effx.monarch import monarch_demo_row
+
+    print(f"{'structured layer':<26} {'bytes':>11} {'vs dense':>8} {'rel. error':>11} {'ms':>9} {'dense ms':>11}")
+    print(monarch_demo_row(device))
     print()
     for name in _PENDING:
         print(f"{name:<26} not built yet")

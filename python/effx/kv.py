@@ -417,10 +417,12 @@ class H2OCache(KVCache):
 
     ``heavy`` and ``recent`` are token counts (ints) or fractions of the prompt length (floats
     in [0, 1], resolved from the longest row of the first step; the paper's 20% budget is
-    ``heavy=0.1, recent=0.1``). ``capacity`` bounds the tokens held at once, so it must cover
-    the budget plus one step (the whole prompt for the first step); long prompts are scored
-    ``prefill_chunk`` queries at a time, never with a [T, T] matrix. Steps with a token tree
-    (``parents``) do not add to the scores; the committed tokens start from score 0.
+    ``heavy=0.1, recent=0.1``). Long prompts are scored ``prefill_chunk`` queries at a time,
+    never with a [T, T] matrix. ``capacity`` bounds the tokens held at once: when a step fits
+    (held + new <= capacity) every new token is scored by all of the step's queries before the
+    one eviction (exact H2O); when it does not, the cache evicts before each chunk that would
+    overflow (streamed prefill, memory bounded by budget + ``prefill_chunk``). Steps with a
+    token tree (``parents``) do not add to the scores; the committed tokens start from score 0.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, *,
@@ -461,6 +463,13 @@ class H2OCache(KVCache):
     def _held(self, layer: int) -> torch.Tensor:
         return self._host_held[layer]
 
+    def _check_capacity(self, name: str, layer: int, added: torch.Tensor) -> None:
+        # A step that does not fit is streamed: each chunk must fit after an eviction.
+        self._resolve_budget(int((self._host_lengths[layer] + added).max()))
+        if self.heavy + self.recent + min(int(added.max()), self.prefill_chunk) <= self.capacity:
+            return
+        super()._check_capacity(name, layer, added)
+
     def _attention(self, layer, q, k_new, v_new, new_lengths, parents):
         held = self._state[layer][:, 0]
         return torch.ops.effx.dense_attention(q, k_new, v_new, self.k[layer], self.v[layer], held, new_lengths,
@@ -488,6 +497,8 @@ class H2OCache(KVCache):
         for c0 in range(0, tn, self.prefill_chunk):
             c1 = min(tn, c0 + self.prefill_chunk)
             part = (added - c0).clamp(0, c1 - c0)
+            if bool((self._host_held[layer] + part > self.capacity).any()):
+                self._evict(layer)
             chunk_lengths = part.to(self.device) if new_lengths is not None else None
             out, lse = torch.ops.effx.h2o_attention(
                 q[:, :, c0:c1], k_new[:, :, c0:c1], v_new[:, :, c0:c1], self.k[layer], self.v[layer],

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["quantize", "dequantize"]
+__all__ = ["quantize", "dequantize", "monarch_matmul", "monarch_matmul_backward",
+           "block_sparse_matmul", "block_sparse_matmul_backward"]
 
 
 def quantize(x: torch.Tensor, bits: int = 2, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,3 +56,58 @@ def dequantize(
         Tensor ``[..., N]`` of ``dtype``.
     """
     return torch.ops.effx.dequantize(codes, scale, zero, bits, group_size, dtype or scale.dtype)
+
+
+def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Monarch product ``y = P2 B2 P1 B1 x`` along the last dim (SPECS.md section 6); autograd.
+
+    With ``w1`` of shape ``(k, q, p)`` and ``w2`` of shape ``(l, s, r)`` (``l * r == k * q``), per
+    row of ``x``: ``out1[i*q + a] = sum_b w1[i, a, b] x[i*p + b]``; ``z[j, c] = out1[c*l + j]``;
+    ``y[d*l + j] = sum_c w2[j, d, c] z[j, c]``. Accumulation is fp32 (fp64 for float64).
+
+    Args:
+        x: ``[..., k * p]``, float32/float16/bfloat16 (float64 on CPU), any strides.
+        w1: ``(k, q, p)``, dtype of ``x``. w2: ``(l, s, r)``, dtype of ``x``.
+
+    Returns:
+        ``[..., l * s]`` in the dtype of ``x``.
+    """
+    return torch.ops.effx.monarch_matmul(x, w1, w2)
+
+
+def monarch_matmul_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(grad_x, grad_w1, grad_w2)`` of :func:`monarch_matmul` for ``grad_out``
+    ``[..., l * s]`` (out1 is recomputed, not stored)."""
+    return torch.ops.effx.monarch_matmul_backward(grad_out, x, w1, w2)
+
+
+def block_sparse_matmul(
+    x: torch.Tensor, blocks: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor
+) -> torch.Tensor:
+    """``y = x @ W.T`` for a block-sparse ``W`` in block-CSR form (the Pixelfly layer); autograd.
+
+    ``W`` is an ``R x C`` grid of ``block x block`` blocks; the stored ones are ``blocks``
+    ``(nnz, block, block)``, row by row: block-row ``rb`` holds entries
+    ``row_offsets[rb] .. row_offsets[rb+1]-1``, entry ``e`` in block-column ``col_indices[e]``.
+    ``y[..., rb*block + a] = sum_e sum_b blocks[e, a, b] x[..., col[e]*block + b]``.
+
+    Args:
+        x: ``[..., C * block]``, float32/float16/bfloat16 (float64 on CPU), any strides.
+        blocks: ``(nnz, block, block)`` in the dtype of ``x``; ``block <= 64``.
+        row_offsets: int64 ``[R + 1]``, from 0 to nnz, non-decreasing.
+        col_indices: int64 ``[nnz]`` in ``[0, C)``.
+
+    Returns:
+        ``[..., R * block]`` in the dtype of ``x``.
+    """
+    return torch.ops.effx.block_sparse_matmul(x, blocks, row_offsets, col_indices)
+
+
+def block_sparse_matmul_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, row_offsets: torch.Tensor,
+    col_indices: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(grad_x, grad_blocks)`` of :func:`block_sparse_matmul`."""
+    return torch.ops.effx.block_sparse_matmul_backward(grad_out, x, blocks, row_offsets, col_indices)

@@ -130,6 +130,31 @@ def test_ratio_budget_and_nbytes_bound():
     assert small.nbytes() < 0.01 * dense.nbytes()
 
 
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_streamed_prefill_keeps_storage_within_budget_plus_chunk(device):
+    torch.manual_seed(8)
+    heavy, recent, chunk = 6, 4, 8
+    cache = kv.H2OCache(1, 2, 2, 32, heavy + recent + chunk, heavy=heavy, recent=recent, dtype=torch.float32,
+                        device=device, prefill_chunk=chunk)
+    rows = [H2ORow(2, heavy, recent) for _ in range(2)]
+    q, k, v = randn(2, 4, 45, 32, device=device), randn(2, 2, 45, 32, device=device), randn(2, 2, 45, 32, device=device)
+    out = cache.attend(0, q, k, v)
+    for b, row in enumerate(rows):
+        # the reference evicts before every chunk that would overflow the storage
+        refs = []
+        for c0 in range(0, 45, chunk):
+            if sum(1 for _ in row.heads[0]) + min(chunk, 45 - c0) > heavy + recent + chunk:
+                row.evict()
+            refs.append(row.step(q[b, :, c0:c0 + chunk].cpu(), k[b, :, c0:c0 + chunk].cpu(),
+                                 v[b, :, c0:c0 + chunk].cpu(), cache.sm_scale, evict=False))
+        row.evict()
+        assert rel_error(out[b], torch.cat(refs, 1)) <= 1e-5
+        _, positions = cache.scores(0)
+        assert [p for p in positions[b, 1].tolist() if p >= 0] == row.kept(1)
+    check_against_reference(cache, rows, randn(2, 4, 1, 32, device=device), randn(2, 2, 1, 32, device=device),
+                            randn(2, 2, 1, 32, device=device))
+
+
 def test_crop_before_and_after_eviction():
     torch.manual_seed(5)
     cache = kv.H2OCache(1, 1, 1, 16, 32, heavy=4, recent=4, dtype=torch.float32)
@@ -151,7 +176,8 @@ def test_bad_budgets():
     with pytest.raises(ValueError, match=r"recent as a fraction of the prompt must be in \[0, 1\], got 1.5"):
         kv.H2OCache(1, 1, 1, 16, 32, heavy=2, recent=1.5)
     cache = kv.H2OCache(1, 1, 1, 16, 32, heavy=0.5, recent=0.5)
-    with pytest.raises(ValueError, match=r"capacity exceeded in row 0: 0 cached \+ 40 new > capacity 32"):
+    with pytest.raises(ValueError, match=r"effx\.kv\.H2OCache: heavy \+ recent \(20 \+ 20 for a prompt of 40\) must "
+                                         r"not exceed capacity \(32\)"):
         cache.attend(0, randn(1, 1, 40, 16, dtype=torch.float16), randn(1, 1, 40, 16, dtype=torch.float16),
                      randn(1, 1, 40, 16, dtype=torch.float16))
     k = torch.zeros(1, 1, 8, 16)

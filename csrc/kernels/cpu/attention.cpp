@@ -38,6 +38,7 @@ void dense_attention(const AttentionArgs& a, const DenseKV& kv, DType dtype, int
     case DType::Float32: return dense_typed<float>(a, kv, num_threads);
     case DType::Float16: return dense_typed<Half>(a, kv, num_threads);
     case DType::BFloat16: return dense_typed<BFloat16>(a, kv, num_threads);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
 }
 

@@ -150,6 +150,7 @@ void kivi_attention(const AttentionArgs& a, const KiviStorage& s, DType dtype, i
     case DType::Float32: return attention_bits<float>(a, s, num_threads);
     case DType::Float16: return attention_bits<Half>(a, s, num_threads);
     case DType::BFloat16: return attention_bits<BFloat16>(a, s, num_threads);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
 }
 
@@ -162,6 +163,7 @@ void kivi_append(const KiviStorage& s, DType dtype, const Strided& k_new, const 
       return append_bits<Half>(s, k_new, v_new, new_len, new_lengths, num_threads);
     case DType::BFloat16:
       return append_bits<BFloat16>(s, k_new, v_new, new_len, new_lengths, num_threads);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
 }
 

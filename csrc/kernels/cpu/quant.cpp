@@ -110,6 +110,7 @@ void dequantize_out(const QuantShape& s, const int32_t* codes, const void* scale
     case DType::Float16: return dequantize_bits<P, Half>(s, codes, scale, zero, out, num_threads);
     case DType::BFloat16:
       return dequantize_bits<P, BFloat16>(s, codes, scale, zero, out, num_threads);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
 }
 
@@ -121,6 +122,7 @@ void quantize(const QuantShape& s, DType dtype, const void* x, int32_t* codes, v
     case DType::Float32: return quantize_bits<float>(s, x, codes, scale, zero, num_threads);
     case DType::Float16: return quantize_bits<Half>(s, x, codes, scale, zero, num_threads);
     case DType::BFloat16: return quantize_bits<BFloat16>(s, x, codes, scale, zero, num_threads);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
 }
 
@@ -133,6 +135,7 @@ void dequantize(const QuantShape& s, const int32_t* codes, DType param_dtype, co
       return dequantize_out<Half>(s, codes, scale, zero, out_dtype, out, num_threads);
     case DType::BFloat16:
       return dequantize_out<BFloat16>(s, codes, scale, zero, out_dtype, out, num_threads);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
 }
 

@@ -43,6 +43,7 @@ cudaError_t dense_attention(const AttentionArgs& a, const DenseKV& kv, DType dty
     case DType::Float32: return dense_typed<float>(a, kv, workspace, stream);
     case DType::Float16: return dense_typed<__half>(a, kv, workspace, stream);
     case DType::BFloat16: return dense_typed<__nv_bfloat16>(a, kv, workspace, stream);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
   return cudaErrorInvalidValue;
 }

@@ -226,6 +226,7 @@ cudaError_t h2o_attention(const AttentionArgs& a, const DenseKV& kv, DType dtype
     case DType::Float32: return score_typed<float>(a, kv, stream);
     case DType::Float16: return score_typed<__half>(a, kv, stream);
     case DType::BFloat16: return score_typed<__nv_bfloat16>(a, kv, stream);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
   return cudaErrorInvalidValue;
 }
@@ -240,6 +241,7 @@ cudaError_t h2o_evict(const H2OStorage& s, DType dtype, int64_t heavy, int64_t r
     case DType::Float32: return evict_typed<float>(s, heavy, recent, workspace, stream);
     case DType::Float16: return evict_typed<__half>(s, heavy, recent, workspace, stream);
     case DType::BFloat16: return evict_typed<__nv_bfloat16>(s, heavy, recent, workspace, stream);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
   return cudaErrorInvalidValue;
 }

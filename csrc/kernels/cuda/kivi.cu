@@ -151,6 +151,7 @@ cudaError_t kivi_attention(const AttentionArgs& a, const KiviStorage& s, DType d
     case DType::Float32: return attention_typed<float>(a, s, workspace, stream);
     case DType::Float16: return attention_typed<__half>(a, s, workspace, stream);
     case DType::BFloat16: return attention_typed<__nv_bfloat16>(a, s, workspace, stream);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
   return cudaErrorInvalidValue;
 }
@@ -161,6 +162,7 @@ cudaError_t kivi_append(const KiviStorage& s, DType dtype, const Strided& k_new,
     case DType::Float32: return append_typed<float>(s, k_new, v_new, new_len, new_lengths, stream);
     case DType::Float16: return append_typed<__half>(s, k_new, v_new, new_len, new_lengths, stream);
     case DType::BFloat16: return append_typed<__nv_bfloat16>(s, k_new, v_new, new_len, new_lengths, stream);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
   return cudaErrorInvalidValue;
 }

@@ -122,6 +122,7 @@ cudaError_t dequantize_out(const QuantShape& s, const int32_t* codes, const void
     case DType::Float16: return dequantize_typed<P, __half>(s, codes, scale, zero, out, stream);
     case DType::BFloat16:
       return dequantize_typed<P, __nv_bfloat16>(s, codes, scale, zero, out, stream);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
   return cudaErrorInvalidValue;
 }
@@ -135,6 +136,7 @@ cudaError_t quantize(const QuantShape& s, DType dtype, const void* x, int32_t* c
     case DType::Float32: return quantize_typed<float>(s, x, codes, scale, zero, stream);
     case DType::Float16: return quantize_typed<__half>(s, x, codes, scale, zero, stream);
     case DType::BFloat16: return quantize_typed<__nv_bfloat16>(s, x, codes, scale, zero, stream);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
   return cudaErrorInvalidValue;
 }
@@ -150,6 +152,7 @@ cudaError_t dequantize(const QuantShape& s, const int32_t* codes, DType param_dt
       return dequantize_out<__half>(s, codes, scale, zero, out_dtype, out, stream);
     case DType::BFloat16:
       return dequantize_out<__nv_bfloat16>(s, codes, scale, zero, out_dtype, out, stream);
+    case DType::Float64: break;  // not a storage dtype of this family (the op layer rejects it)
   }
   return cudaErrorInvalidValue;
 }

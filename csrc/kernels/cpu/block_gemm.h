@@ -1,0 +1,96 @@
+// effx: CPU block-GEMM support shared by the structured-matrix families (Monarch, Pixelfly):
+// strided operand views, the per-thread packing workspace, dtype widening/narrowing, and the
+// instruction-set dispatch. The GEMM itself is in block_gemm.inc; block_gemm_variants.inc
+// compiles it once per instruction set.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "effx/dtype.h"
+
+namespace effx {
+namespace cpu {
+namespace block_gemm {
+
+// A(m, k) = p[m * sm + k * sk]; B(k, n) = p[k * sk + n * sn]; C(m, n) = p[m * sm + n * sn].
+template <typename T> struct MatA { const T* p; int64_t sm, sk; };
+template <typename T> struct MatB { const T* p; int64_t sk, sn; };
+template <typename T> struct MatC { T* p; int64_t sm, sn; };
+
+// Packed panels of one thread; grown once, reused by every block it computes.
+template <typename Acc> struct Workspace { std::vector<Acc> a, b; };
+
+// Accumulation type of a storage type: fp32, except fp64 for fp64.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+inline float widen(float v) { return v; }
+inline double widen(double v) { return v; }
+inline float widen(Half v) { return to_float(v); }
+inline float widen(BFloat16 v) { return to_float(v); }
+
+// Through double: exact for float and double accumulators alike.
+template <typename T> inline T narrow(double v) { return static_cast<T>(v); }
+template <> inline Half narrow<Half>(double v) { return from_float<Half>(static_cast<float>(v)); }
+template <> inline BFloat16 narrow<BFloat16>(double v) {
+  return from_float<BFloat16>(static_cast<float>(v));
+}
+
+// `blocks` row-major rows x cols matrices in the accumulation type, each optionally
+// transposed, so that the micro-kernel reads them in place with unit stride. A no-op view for
+// fp32/fp64 blocks that need no transpose.
+template <typename Acc, typename T>
+const Acc* blocks_as(const T* w, int64_t blocks, int64_t rows, int64_t cols, bool transpose,
+                     std::vector<Acc>& storage) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (!transpose) return w;
+  }
+  storage.resize(blocks * rows * cols);
+  for (int64_t g = 0; g < blocks; ++g) {
+    const T* src = w + g * rows * cols;
+    Acc* dst = storage.data() + g * rows * cols;
+    for (int64_t a = 0; a < rows; ++a)
+      for (int64_t b = 0; b < cols; ++b)
+        dst[transpose ? b * rows + a : a * cols + b] = widen(src[a * cols + b]);
+  }
+  return storage.data();
+}
+
+// The row range [begin, end) of chunk `c` out of `chunks` over `n` rows.
+inline int64_t chunk_begin(int64_t n, int64_t chunks, int64_t c) { return n * c / chunks; }
+
+// Chunks per block so that `blocks * chunks` work items keep `threads` threads busy without
+// cutting a block into slivers thinner than 8 rows.
+inline int64_t chunks_per_block(int64_t blocks, int64_t rows, int threads) {
+  const int64_t want = (threads + blocks - 1) / blocks;
+  return std::max<int64_t>(1, std::min<int64_t>(want, rows / 8));
+}
+
+enum class Isa { Avx512, Avx2, Baseline };
+
+// The widest instruction set this CPU runs; EFFX_CPU_ISA=avx2 or =baseline caps it (tests
+// use that to cover every variant on one machine).
+inline Isa best_isa() {
+  const char* cap = std::getenv("EFFX_CPU_ISA");
+  const bool allow_avx512 = cap == nullptr || std::strcmp(cap, "avx512") == 0;
+  const bool allow_avx2 = allow_avx512 || std::strcmp(cap, "avx2") == 0;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if (allow_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("fma"))
+    return Isa::Avx512;
+  if (allow_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return Isa::Avx2;
+#else
+  (void)allow_avx2;
+#endif
+  return Isa::Baseline;
+}
+
+}  // namespace block_gemm
+}  // namespace cpu
+}  // namespace effx

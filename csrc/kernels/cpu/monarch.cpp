@@ -1,0 +1,253 @@
+// effx family: Monarch structured matrices, multithreaded CPU kernels (layout in
+// include/effx/monarch.h). Rows are processed in tiles of kTileRows; for each tile, stage 1
+// (k blocks of w1) writes the intermediate out1 as [n_mid][tile] into a buffer that stays in
+// cache, and stage 2 (l blocks of w2) reads it back through the P1 stride pattern, so out1
+// never goes to memory. The forward gives whole tiles to threads when there are enough of
+// them. Otherwise, and in the backward, threads split each tile's stages by weight blocks
+// (row chunks when blocks are fewer than threads), so the weight gradients need no reduction
+// across threads.
+#include "effx/monarch.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "block_gemm.h"
+
+namespace effx {
+namespace cpu {
+namespace {
+
+#include "block_gemm_variants.inc"
+
+using block_gemm::chunk_begin;
+using block_gemm::chunks_per_block;
+using block_gemm::MatA;
+using block_gemm::MatB;
+using block_gemm::MatC;
+using block_gemm::Workspace;
+
+// Rows per tile: the tile's out1 (n_mid x 128 fp32, 2 MiB at n_mid = 4096) fits in L2/L3 while
+// 128 rows amortize one read of the weights over 128 multiply-adds per weight.
+constexpr int64_t kTileRows = 128;
+// Below this many multiply-adds a parallel region costs more than it saves.
+constexpr int64_t kSerialWork = int64_t{1} << 18;
+
+int threads_for(const MonarchShape& m, int num_threads) {
+  const int64_t work = m.rows * (m.n_mid() * m.p + m.n_out() * m.r);
+  return work < kSerialWork ? 1 : std::max(1, num_threads);
+}
+
+// Stage 1, work item `item` of k * chunks (block i, a row chunk of it):
+// mid[(i*q + a) * tile + t] = sum_b w1[i, a, b] x[t0 + t, i*p + b].
+template <class K, typename T, typename Acc>
+void stage1_item(const MonarchShape& m, const Acc* w1, const T* x, int64_t t0, int64_t nt,
+                 int64_t tile, Acc* mid, int64_t chunks, int64_t item, Workspace<Acc>& ws) {
+  const int64_t i = item / chunks, ch = item % chunks;
+  const int64_t a0 = chunk_begin(m.q, chunks, ch), a1 = chunk_begin(m.q, chunks, ch + 1);
+  K::run(a1 - a0, nt, m.p, MatA<Acc>{w1 + (i * m.q + a0) * m.p, m.p, 1},
+         MatB<T>{x + t0 * m.x_row_stride + i * m.p, 1, m.x_row_stride},
+         MatC<Acc>{mid + (i * m.q + a0) * tile, tile, 1}, false, ws);
+}
+
+// Stage 2 of the forward, work item `item` of l * chunks:
+// out[t0 + t, d*l + j] = sum_c w2[j, d, c] mid[(c*l + j) * tile + t].
+template <class K, typename T, typename Acc>
+void stage2_item(const MonarchShape& m, const Acc* w2, const Acc* mid, int64_t t0, int64_t nt,
+                 int64_t tile, T* out, int64_t chunks, int64_t item, Workspace<Acc>& ws) {
+  const int64_t j = item / chunks, ch = item % chunks;
+  const int64_t d0 = chunk_begin(m.s, chunks, ch), d1 = chunk_begin(m.s, chunks, ch + 1);
+  K::run(d1 - d0, nt, m.r, MatA<Acc>{w2 + (j * m.s + d0) * m.r, m.r, 1},
+         MatB<Acc>{mid + j * tile, m.l * tile, 1},
+         MatC<T>{out + t0 * m.n_out() + d0 * m.l + j, m.l, m.n_out()}, false, ws);
+}
+
+template <class K, typename T>
+void forward_impl(const MonarchShape& m, const T* x, const T* w1_in, const T* w2_in, T* out,
+                  int num_threads) {
+  using Acc = typename block_gemm::AccOf<T>::type;
+  if (m.rows == 0) return;
+  std::vector<Acc> w1_store, w2_store;
+  const Acc* w1 = block_gemm::blocks_as<Acc>(w1_in, m.k, m.q, m.p, false, w1_store);
+  const Acc* w2 = block_gemm::blocks_as<Acc>(w2_in, m.l, m.s, m.r, false, w2_store);
+  const int threads = threads_for(m, num_threads);
+  const int64_t tile = std::min(kTileRows, m.rows);
+  const int64_t tiles = (m.rows + tile - 1) / tile;
+
+  if (tiles >= threads) {
+    // Enough tiles for every thread: each runs whole tiles through both stages with its own
+    // out1 buffer, and the only barrier is the region's end (no per-tile barrier to stall on
+    // when another process holds a core).
+#pragma omp parallel num_threads(threads)
+    {
+      Workspace<Acc> ws;
+      std::vector<Acc> mid(m.n_mid() * tile);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t tt = 0; tt < tiles; ++tt) {
+        const int64_t t0 = tt * tile, nt = std::min(tile, m.rows - t0);
+        for (int64_t i = 0; i < m.k; ++i) stage1_item<K>(m, w1, x, t0, nt, tile, mid.data(), 1, i, ws);
+        for (int64_t j = 0; j < m.l; ++j) stage2_item<K>(m, w2, mid.data(), t0, nt, tile, out, 1, j, ws);
+      }
+    }
+    return;
+  }
+  // Few rows: threads share each tile, split by weight blocks, with a barrier per stage.
+  const int64_t c1 = chunks_per_block(m.k, m.q, threads), c2 = chunks_per_block(m.l, m.s, threads);
+  std::vector<Acc> mid(m.n_mid() * tile);
+#pragma omp parallel num_threads(threads)
+  {
+    Workspace<Acc> ws;
+    for (int64_t t0 = 0; t0 < m.rows; t0 += tile) {
+      const int64_t nt = std::min(tile, m.rows - t0);
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < m.k * c1; ++item)
+        stage1_item<K>(m, w1, x, t0, nt, tile, mid.data(), c1, item, ws);
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < m.l * c2; ++item)
+        stage2_item<K>(m, w2, mid.data(), t0, nt, tile, out, c2, item, ws);
+    }
+  }
+}
+
+template <class K, typename T>
+void backward_impl(const MonarchShape& m, const T* dout, const T* x, const T* w1_in,
+                   const T* w2_in, T* dx, T* dw1_out, T* dw2_out, int num_threads) {
+  using Acc = typename block_gemm::AccOf<T>::type;
+  const int64_t n_in = m.n_in(), n_out = m.n_out();
+  std::vector<Acc> w1_store, w1t_store, w2t_store;
+  const Acc* w1 = block_gemm::blocks_as<Acc>(w1_in, m.k, m.q, m.p, false, w1_store);
+  const Acc* w1t = block_gemm::blocks_as<Acc>(w1_in, m.k, m.q, m.p, true, w1t_store);  // [i][b][a]
+  const Acc* w2t = block_gemm::blocks_as<Acc>(w2_in, m.l, m.s, m.r, true, w2t_store);  // [j][c][d]
+  // Weight gradients accumulate over tiles in Acc: in place for fp32/fp64, else in buffers.
+  std::vector<Acc> dw1_store, dw2_store;
+  Acc* dw1;
+  Acc* dw2;
+  if constexpr (std::is_same_v<T, Acc>) {
+    dw1 = dw1_out;
+    dw2 = dw2_out;
+  } else {
+    dw1_store.resize(m.k * m.q * m.p);
+    dw2_store.resize(m.l * m.s * m.r);
+    dw1 = dw1_store.data();
+    dw2 = dw2_store.data();
+  }
+  std::fill(dw1, dw1 + m.k * m.q * m.p, Acc(0));
+  std::fill(dw2, dw2 + m.l * m.s * m.r, Acc(0));
+
+  if (m.rows > 0) {
+    const int threads = threads_for(m, num_threads);
+    const int64_t tile = std::min(kTileRows, m.rows);
+    const int64_t c1 = chunks_per_block(m.k, std::min(m.q, m.p), threads);
+    const int64_t c2 = chunks_per_block(m.l, std::min(m.r, m.s), threads);
+    std::vector<Acc> mid(m.n_mid() * tile), dmid(m.n_mid() * tile);
+
+#pragma omp parallel num_threads(threads)
+    {
+      Workspace<Acc> ws;
+      for (int64_t t0 = 0; t0 < m.rows; t0 += tile) {
+        const int64_t nt = std::min(tile, m.rows - t0);
+        const T* dout_tile = dout + t0 * n_out;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < m.k * c1; ++item)
+          stage1_item<K>(m, w1, x, t0, nt, tile, mid.data(), c1, item, ws);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < m.l * c2; ++item) {
+          const int64_t j = item / c2, ch = item % c2;
+          // dmid[(c*l + j) * tile + t] = sum_d w2[j, d, c] dout[t, d*l + j]
+          const int64_t c0 = chunk_begin(m.r, c2, ch), c1e = chunk_begin(m.r, c2, ch + 1);
+          K::run(c1e - c0, nt, m.s, MatA<Acc>{w2t + (j * m.r + c0) * m.s, m.s, 1},
+                 MatB<T>{dout_tile + j, m.l, n_out},
+                 MatC<Acc>{dmid.data() + (c0 * m.l + j) * tile, m.l * tile, 1}, false, ws);
+          // dw2[j, d, c] += sum_t dout[t, d*l + j] mid[(c*l + j) * tile + t]
+          const int64_t d0 = chunk_begin(m.s, c2, ch), d1 = chunk_begin(m.s, c2, ch + 1);
+          K::run(d1 - d0, m.r, nt, MatA<T>{dout_tile + d0 * m.l + j, m.l, n_out},
+                 MatB<Acc>{mid.data() + j * tile, 1, m.l * tile},
+                 MatC<Acc>{dw2 + (j * m.s + d0) * m.r, m.r, 1}, true, ws);
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < m.k * c1; ++item) {
+          const int64_t i = item / c1, ch = item % c1;
+          // dx[t, i*p + b] = sum_a w1[i, a, b] dmid[(i*q + a) * tile + t]
+          const int64_t b0 = chunk_begin(m.p, c1, ch), b1 = chunk_begin(m.p, c1, ch + 1);
+          K::run(b1 - b0, nt, m.q, MatA<Acc>{w1t + (i * m.p + b0) * m.q, m.q, 1},
+                 MatB<Acc>{dmid.data() + i * m.q * tile, tile, 1},
+                 MatC<T>{dx + t0 * n_in + i * m.p + b0, 1, n_in}, false, ws);
+          // dw1[i, a, b] += sum_t dmid[(i*q + a) * tile + t] x[t, i*p + b]
+          const int64_t a0 = chunk_begin(m.q, c1, ch), a1 = chunk_begin(m.q, c1, ch + 1);
+          K::run(a1 - a0, m.p, nt, MatA<Acc>{dmid.data() + (i * m.q + a0) * tile, tile, 1},
+                 MatB<T>{x + t0 * m.x_row_stride + i * m.p, m.x_row_stride, 1},
+                 MatC<Acc>{dw1 + (i * m.q + a0) * m.p, m.p, 1}, true, ws);
+        }
+      }
+    }
+  }
+  if constexpr (!std::is_same_v<T, Acc>) {
+    for (int64_t e = 0; e < m.k * m.q * m.p; ++e) dw1_out[e] = block_gemm::narrow<T>(dw1[e]);
+    for (int64_t e = 0; e < m.l * m.s * m.r; ++e) dw2_out[e] = block_gemm::narrow<T>(dw2[e]);
+  }
+}
+
+template <typename T>
+void forward_typed(const MonarchShape& m, const void* x, const void* w1, const void* w2,
+                   void* out, int num_threads) {
+  const T* xt = static_cast<const T*>(x);
+  const T* w1t = static_cast<const T*>(w1);
+  const T* w2t = static_cast<const T*>(w2);
+  T* ot = static_cast<T*>(out);
+  switch (block_gemm::best_isa()) {
+    case block_gemm::Isa::Avx512:
+      return forward_impl<isa_avx512::Kernels>(m, xt, w1t, w2t, ot, num_threads);
+    case block_gemm::Isa::Avx2:
+      return forward_impl<isa_avx2::Kernels>(m, xt, w1t, w2t, ot, num_threads);
+    case block_gemm::Isa::Baseline:
+      return forward_impl<isa_baseline::Kernels>(m, xt, w1t, w2t, ot, num_threads);
+  }
+}
+
+template <typename T>
+void backward_typed(const MonarchShape& m, const void* dout, const void* x, const void* w1,
+                    const void* w2, void* dx, void* dw1, void* dw2, int num_threads) {
+  auto in = [](const void* p) { return static_cast<const T*>(p); };
+  auto out = [](void* p) { return static_cast<T*>(p); };
+  switch (block_gemm::best_isa()) {
+    case block_gemm::Isa::Avx512:
+      return backward_impl<isa_avx512::Kernels>(m, in(dout), in(x), in(w1), in(w2), out(dx),
+                                                out(dw1), out(dw2), num_threads);
+    case block_gemm::Isa::Avx2:
+      return backward_impl<isa_avx2::Kernels>(m, in(dout), in(x), in(w1), in(w2), out(dx),
+                                              out(dw1), out(dw2), num_threads);
+    case block_gemm::Isa::Baseline:
+      return backward_impl<isa_baseline::Kernels>(m, in(dout), in(x), in(w1), in(w2), out(dx),
+                                                  out(dw1), out(dw2), num_threads);
+  }
+}
+
+}  // namespace
+
+void monarch_forward(const MonarchShape& m, DType dtype, const void* x, const void* w1,
+                     const void* w2, void* out, int num_threads) {
+  switch (dtype) {
+    case DType::Float32: return forward_typed<float>(m, x, w1, w2, out, num_threads);
+    case DType::Float16: return forward_typed<Half>(m, x, w1, w2, out, num_threads);
+    case DType::BFloat16: return forward_typed<BFloat16>(m, x, w1, w2, out, num_threads);
+    case DType::Float64: return forward_typed<double>(m, x, w1, w2, out, num_threads);
+  }
+}
+
+void monarch_backward(const MonarchShape& m, DType dtype, const void* grad_out, const void* x,
+                      const void* w1, const void* w2, void* grad_x, void* grad_w1,
+                      void* grad_w2, int num_threads) {
+  switch (dtype) {
+    case DType::Float32:
+      return backward_typed<float>(m, grad_out, x, w1, w2, grad_x, grad_w1, grad_w2, num_threads);
+    case DType::Float16:
+      return backward_typed<Half>(m, grad_out, x, w1, w2, grad_x, grad_w1, grad_w2, num_threads);
+    case DType::BFloat16:
+      return backward_typed<BFloat16>(m, grad_out, x, w1, w2, grad_x, grad_w1, grad_w2,
+                                      num_threads);
+    case DType::Float64:
+      return backward_typed<double>(m, grad_out, x, w1, w2, grad_x, grad_w1, grad_w2, num_threads);
+  }
+}
+
+}  // namespace cpu
+}  // namespace effx

@@ -1,0 +1,194 @@
+// effx family: Pixelated butterfly block-sparse matmul, multithreaded CPU kernels (layout in
+// include/effx/pixelfly.h). Rows are processed in tiles; a thread owns a block-row of the
+// output (forward) or a block-column of grad_x (backward), summing its blocks' products in an
+// fp32 tile before one rounding store, so no two threads write the same values. grad_blocks
+// is one small GEMM per stored block over all rows, parallel over blocks.
+#include "effx/pixelfly.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "block_gemm.h"
+
+namespace effx {
+namespace cpu {
+namespace {
+
+#include "block_gemm_variants.inc"
+
+using block_gemm::MatA;
+using block_gemm::MatB;
+using block_gemm::MatC;
+using block_gemm::Workspace;
+
+constexpr int64_t kTileRows = 128;
+// Rows per step of the grad_blocks reduction: bounds the packed panel of x.
+constexpr int64_t kReduceRows = 512;
+constexpr int64_t kSerialWork = int64_t{1} << 18;
+
+int threads_for(const BlockSparseShape& s, int num_threads) {
+  const int64_t work = s.rows * s.nnz * s.block * s.block;
+  return work < kSerialWork ? 1 : std::max(1, num_threads);
+}
+
+// acc[a * tile + t] -> dst[t * ld + a], rounded once.
+template <typename T, typename Acc>
+void store_tile(const Acc* acc, int64_t n, int64_t nt, int64_t tile, T* dst, int64_t ld) {
+  for (int64_t t = 0; t < nt; ++t)
+    for (int64_t a = 0; a < n; ++a) dst[t * ld + a] = block_gemm::narrow<T>(acc[a * tile + t]);
+}
+
+template <class K, typename T>
+void forward_impl(const BlockSparseShape& s, const T* x, const T* blocks_in,
+                  const int64_t* row_offsets, const int64_t* col_indices, T* out,
+                  int num_threads) {
+  using Acc = typename block_gemm::AccOf<T>::type;
+  if (s.rows == 0) return;
+  const int64_t bs = s.block, n_out = s.out_features();
+  std::vector<Acc> store;
+  const Acc* blocks = block_gemm::blocks_as<Acc>(blocks_in, s.nnz, bs, bs, false, store);
+  const int64_t tile = std::min(kTileRows, s.rows);
+#pragma omp parallel num_threads(threads_for(s, num_threads))
+  {
+    Workspace<Acc> ws;
+    std::vector<Acc> acc(bs * tile);
+    for (int64_t t0 = 0; t0 < s.rows; t0 += tile) {
+      const int64_t nt = std::min(tile, s.rows - t0);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t rb = 0; rb < s.row_blocks; ++rb) {
+        std::fill(acc.begin(), acc.end(), Acc(0));
+        for (int64_t e = row_offsets[rb]; e < row_offsets[rb + 1]; ++e) {
+          // acc(a, t) += sum_b blocks[e, a, b] x[t0 + t, col*bs + b]
+          K::run(bs, nt, bs, MatA<Acc>{blocks + e * bs * bs, bs, 1},
+                 MatB<T>{x + t0 * s.x_row_stride + col_indices[e] * bs, 1, s.x_row_stride},
+                 MatC<Acc>{acc.data(), tile, 1}, true, ws);
+        }
+        store_tile(acc.data(), bs, nt, tile, out + t0 * n_out + rb * bs, n_out);
+      }
+    }
+  }
+}
+
+template <class K, typename T>
+void backward_impl(const BlockSparseShape& s, const T* dout, const T* x, const T* blocks_in,
+                   const int64_t* row_offsets, const int64_t* col_indices, T* dx, T* dblocks,
+                   int num_threads) {
+  using Acc = typename block_gemm::AccOf<T>::type;
+  const int64_t bs = s.block, n_out = s.out_features(), n_in = s.in_features();
+  std::vector<Acc> store;
+  const Acc* blocks_t = block_gemm::blocks_as<Acc>(blocks_in, s.nnz, bs, bs, true, store);
+  std::vector<int64_t> row_of(s.nnz);
+  for (int64_t rb = 0; rb < s.row_blocks; ++rb)
+    for (int64_t e = row_offsets[rb]; e < row_offsets[rb + 1]; ++e) row_of[e] = rb;
+  const int threads = threads_for(s, num_threads);
+  const int64_t tile = std::max<int64_t>(1, std::min(kTileRows, s.rows));
+#pragma omp parallel num_threads(threads)
+  {
+    Workspace<Acc> ws;
+    std::vector<Acc> acc(std::max(bs * tile, bs * bs));
+    for (int64_t t0 = 0; t0 < s.rows; t0 += tile) {
+      const int64_t nt = std::min(tile, s.rows - t0);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t cb = 0; cb < s.col_blocks; ++cb) {
+        std::fill(acc.begin(), acc.end(), Acc(0));
+        for (int64_t e = 0; e < s.nnz; ++e) {
+          if (col_indices[e] != cb) continue;
+          // acc(b, t) += sum_a blocks[e, a, b] dout[t0 + t, row*bs + a]
+          K::run(bs, nt, bs, MatA<Acc>{blocks_t + e * bs * bs, bs, 1},
+                 MatB<T>{dout + t0 * n_out + row_of[e] * bs, 1, n_out},
+                 MatC<Acc>{acc.data(), tile, 1}, true, ws);
+        }
+        store_tile(acc.data(), bs, nt, tile, dx + t0 * n_in + cb * bs, n_in);
+      }
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t e = 0; e < s.nnz; ++e) {
+      std::fill(acc.begin(), acc.begin() + bs * bs, Acc(0));
+      const int64_t rb = row_of[e], cb = col_indices[e];
+      for (int64_t t0 = 0; t0 < s.rows; t0 += kReduceRows) {
+        const int64_t nt = std::min(kReduceRows, s.rows - t0);
+        // acc(a, b) += sum_t dout[t, rb*bs + a] x[t, cb*bs + b]
+        K::run(bs, bs, nt, MatA<T>{dout + t0 * n_out + rb * bs, 1, n_out},
+               MatB<T>{x + t0 * s.x_row_stride + cb * bs, s.x_row_stride, 1},
+               MatC<Acc>{acc.data(), bs, 1}, true, ws);
+      }
+      for (int64_t v = 0; v < bs * bs; ++v)
+        dblocks[e * bs * bs + v] = block_gemm::narrow<T>(acc[v]);
+    }
+  }
+}
+
+template <typename T>
+void forward_typed(const BlockSparseShape& s, const void* x, const void* blocks,
+                   const int64_t* ro, const int64_t* ci, void* out, int threads) {
+  const T* xt = static_cast<const T*>(x);
+  const T* bt = static_cast<const T*>(blocks);
+  T* ot = static_cast<T*>(out);
+  switch (block_gemm::best_isa()) {
+    case block_gemm::Isa::Avx512:
+      return forward_impl<isa_avx512::Kernels>(s, xt, bt, ro, ci, ot, threads);
+    case block_gemm::Isa::Avx2:
+      return forward_impl<isa_avx2::Kernels>(s, xt, bt, ro, ci, ot, threads);
+    case block_gemm::Isa::Baseline:
+      return forward_impl<isa_baseline::Kernels>(s, xt, bt, ro, ci, ot, threads);
+  }
+}
+
+template <typename T>
+void backward_typed(const BlockSparseShape& s, const void* dout, const void* x,
+                    const void* blocks, const int64_t* ro, const int64_t* ci, void* dx,
+                    void* dblocks, int threads) {
+  auto in = [](const void* p) { return static_cast<const T*>(p); };
+  auto out = [](void* p) { return static_cast<T*>(p); };
+  switch (block_gemm::best_isa()) {
+    case block_gemm::Isa::Avx512:
+      return backward_impl<isa_avx512::Kernels>(s, in(dout), in(x), in(blocks), ro, ci, out(dx),
+                                                out(dblocks), threads);
+    case block_gemm::Isa::Avx2:
+      return backward_impl<isa_avx2::Kernels>(s, in(dout), in(x), in(blocks), ro, ci, out(dx),
+                                              out(dblocks), threads);
+    case block_gemm::Isa::Baseline:
+      return backward_impl<isa_baseline::Kernels>(s, in(dout), in(x), in(blocks), ro, ci,
+                                                  out(dx), out(dblocks), threads);
+  }
+}
+
+}  // namespace
+
+void block_sparse_forward(const BlockSparseShape& s, DType dtype, const void* x,
+                          const void* blocks, const int64_t* row_offsets,
+                          const int64_t* col_indices, void* out, int num_threads) {
+  switch (dtype) {
+    case DType::Float32:
+      return forward_typed<float>(s, x, blocks, row_offsets, col_indices, out, num_threads);
+    case DType::Float16:
+      return forward_typed<Half>(s, x, blocks, row_offsets, col_indices, out, num_threads);
+    case DType::BFloat16:
+      return forward_typed<BFloat16>(s, x, blocks, row_offsets, col_indices, out, num_threads);
+    case DType::Float64:
+      return forward_typed<double>(s, x, blocks, row_offsets, col_indices, out, num_threads);
+  }
+}
+
+void block_sparse_backward(const BlockSparseShape& s, DType dtype, const void* grad_out,
+                           const void* x, const void* blocks, const int64_t* row_offsets,
+                           const int64_t* col_indices, void* grad_x, void* grad_blocks,
+                           int num_threads) {
+  switch (dtype) {
+    case DType::Float32:
+      return backward_typed<float>(s, grad_out, x, blocks, row_offsets, col_indices, grad_x,
+                                   grad_blocks, num_threads);
+    case DType::Float16:
+      return backward_typed<Half>(s, grad_out, x, blocks, row_offsets, col_indices, grad_x,
+                                  grad_blocks, num_threads);
+    case DType::BFloat16:
+      return backward_typed<BFloat16>(s, grad_out, x, blocks, row_offsets, col_indices, grad_x,
+                                      grad_blocks, num_threads);
+    case DType::Float64:
+      return backward_typed<double>(s, grad_out, x, blocks, row_offsets, col_indices, grad_x,
+                                    grad_blocks, num_threads);
+  }
+}
+
+}  // namespace cpu
+}  // namespace effx
