@@ -103,8 +103,7 @@ class KVCache:
         elsewhere): the same storage path as :meth:`attend`."""
         name = f"{type(self).__name__}.extend"
         self._check_layer(name, layer)
-        self._check_tokens(name, k_new.new_empty(self.batch_size, self.num_kv_heads, *k_new.shape[2:]),
-                           k_new, v_new)
+        self._check_tokens(name, None, k_new, v_new)
         added, new_lengths = self._new_lengths(name, lengths, k_new.shape[2])
         self._check_capacity(name, layer, added)
         self._append(layer, k_new, v_new, new_lengths, added)
@@ -203,15 +202,19 @@ class KVCache:
             _fail(name, f"capacity exceeded in row {b}: {int(held[b])} cached + "
                         f"{int(added[b])} new > capacity {self.capacity}")
 
-    def _check_tokens(self, name: str, q, k_new, v_new) -> None:
+    def _check_tokens(self, name: str, q: torch.Tensor | None, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         b, h, d = self.batch_size, self.num_kv_heads, self.head_dim
         for arg, t in (("q", q), ("k_new", k_new), ("v_new", v_new)):
+            if t is None:
+                continue
             if t.dtype != self.dtype or t.device != self.device:
                 _fail(name, f"{arg} must be {self.dtype} on {self.device} like the cache, got {t.dtype} on {t.device}")
         if k_new.dim() != 4 or tuple(k_new.shape[:2]) != (b, h) or k_new.shape[3] != d or k_new.shape[2] < 1:
             _fail(name, f"k_new must have shape [{b}, {h}, tokens >= 1, {d}], got {list(k_new.shape)}")
         if v_new.shape != k_new.shape:
             _fail(name, f"v_new must have the shape of k_new {list(k_new.shape)}, got {list(v_new.shape)}")
+        if q is None:
+            return
         if q.dim() != 4 or q.shape[0] != b or q.shape[2:] != k_new.shape[2:]:
             _fail(name, f"q must have shape [{b}, q_heads, {k_new.shape[2]}, {d}], got {list(q.shape)}")
         if q.shape[1] % h:

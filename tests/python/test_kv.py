@@ -379,3 +379,19 @@ def test_bad_op_inputs():
     with pytest.raises(RuntimeError, match=r"effx\.dense_attention: k_new must have the dtype of q \(Float\), got Half"):
         torch.ops.effx.dense_attention(q, k.half(), k, torch.zeros(1, 2, 8, 32), torch.zeros(1, 2, 8, 32),
                                        torch.tensor([0]), None, None, True, 1.0)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_extend_stores_without_attending(device):
+    torch.manual_seed(12)
+    cache, opts = kivi_cache(2, 2, 64, 256, bits=4, group_size=16, residual=32, dtype=torch.float32, device=device)
+    run = Runner(cache, 2, 2, 4, 64, torch.float32, device, kivi=opts)
+    k, v = torch.randn(2, 2, 70, 64, device=device), torch.randn(2, 2, 70, 64, device=device)
+    cache.extend(0, k, v, lengths=[70, 41])
+    for b, row in enumerate(run.rows):
+        valid = (70, 41)[b]
+        row.append(k[b, :, :valid].cpu(), v[b, :, :valid].cpu())
+    check_state(cache, run)
+    assert run.step(1) <= KIVI_TOL[torch.float32]
+    with pytest.raises(ValueError, match=r"KIVICache\.extend: k_new must have shape \[2, 2, tokens >= 1, 64\]"):
+        cache.extend(0, k[:1], v[:1])
