@@ -11,4 +11,14 @@ TORCH_LIBRARY(effx, m) {
   m.def(
       "dequantize(Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, "
       "ScalarType dtype) -> Tensor");
+
+  // DejaVu contextual sparsity (SPECS.md section 4): gathered up/gate projection with fused
+  // bias and activation, and the down projection over the transposed weight [n, d].
+  m.def(
+      "sparse_mlp_up(Tensor x, Tensor w_up, Tensor idx, str activation=\"relu\", "
+      "Tensor? w_gate=None, Tensor? b_up=None, Tensor? b_gate=None, int rows_per_index=1, "
+      "bool check_indices=True) -> Tensor");
+  m.def(
+      "sparse_mlp_down(Tensor h, Tensor w_down_t, Tensor idx, Tensor? b_down=None, "
+      "int rows_per_index=1, bool check_indices=True) -> Tensor");
 }

@@ -19,3 +19,17 @@ def _quantize_fake(x, bits, group_size):
 @torch.library.register_fake("effx::dequantize")
 def _dequantize_fake(codes, scale, zero, bits, group_size, dtype):
     return scale.new_empty(tuple(scale.shape[:-1]) + (scale.shape[-1] * group_size,), dtype=dtype)
+
+
+# --- DejaVu contextual sparsity (SPECS.md section 4)
+
+
+@torch.library.register_fake("effx::sparse_mlp_up")
+def _sparse_mlp_up_fake(x, w_up, idx, activation="relu", w_gate=None, b_up=None, b_gate=None,
+                        rows_per_index=1, check_indices=True):
+    return x.new_empty((x.shape[0], idx.shape[-1] * rows_per_index))
+
+
+@torch.library.register_fake("effx::sparse_mlp_down")
+def _sparse_mlp_down_fake(h, w_down_t, idx, b_down=None, rows_per_index=1, check_indices=True):
+    return h.new_empty((h.shape[0], w_down_t.shape[1]))

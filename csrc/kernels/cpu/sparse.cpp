@@ -1,0 +1,272 @@
+// effx family: DejaVu contextual sparsity, multithreaded CPU kernels (layout in
+// include/effx/sparse.h).
+//
+// Up: a unit of work is a run of selected weight rows; each row is converted to fp32 once into
+// a thread-local buffer and dotted with every batch row that uses it, so the weights are read
+// from memory once per call (shared index set) and the batch rows stay in cache.
+// Down: a unit of work is a fixed slice of kColumns output columns of one index set; the thread
+// that owns it adds the selected rows in index order into fp32 accumulators. Column slices do
+// not depend on the thread count, so every output element sees the same additions in the same
+// order on any number of threads: bitwise reproducible, no atomics.
+#include "effx/sparse.h"
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+// The hot loops are compiled for AVX-512 and AVX2 as well as the baseline; the loader picks the
+// best one the CPU supports (the choice is fixed per machine, so results stay reproducible).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EFFX_SPARSE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define EFFX_SPARSE_CLONES
+#endif
+
+namespace effx {
+namespace cpu {
+namespace {
+
+// Below this many multiply-adds the thread start-up costs more than the work.
+constexpr int64_t kSerialWork = 1 << 16;
+// Independent partial sums per dot product: enough to hide the add latency of the FPU.
+constexpr int kLanes = 16;
+// Output columns owned by one unit of down-projection work (a multiple of kLanes).
+constexpr int64_t kColumns = 256;
+// Selected weight rows per unit of up-projection work.
+constexpr int64_t kRowsPerUnit = 8;
+
+int threads_for(int64_t work, int num_threads) {
+  return work < kSerialWork ? 1 : std::max(1, num_threads);
+}
+
+// Branch-free fp16 -> fp32 (exact, subnormals and inf/nan included) so conversion loops
+// vectorize: the 15 exponent+mantissa bits land in an fp32 whose exponent bias differs by 112.
+inline float widen(Half h) {
+  const uint32_t em = static_cast<uint32_t>(h.bits & 0x7fffu);
+  uint32_t r = float_bits(bits_float(em << 13) * 0x1p112f);
+  r = em >= 0x7c00u ? (r | 0x7f800000u) : r;
+  return bits_float(r | (static_cast<uint32_t>(h.bits & 0x8000u) << 16));
+}
+inline float widen(BFloat16 b) { return bits_float(static_cast<uint32_t>(b.bits) << 16); }
+inline float widen(float f) { return f; }
+
+template <typename T>
+EFFX_SPARSE_CLONES void widen_row(const T* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = widen(src[i]);
+}
+
+// Row of fp32 values: the source itself when it is fp32, else a conversion into `buf`.
+template <typename T>
+const float* as_float(const T* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)n;
+    (void)buf;
+    return src;
+  } else {
+    widen_row(src, n, buf);
+    return buf;
+  }
+}
+
+// out[t] = x_t . w for `rows` (1..4) vectors x_t of length n.
+EFFX_SPARSE_CLONES void dot_rows(const float* const* x, int rows, const float* w, int64_t n,
+                                 float* out) {
+  float acc[4][kLanes] = {};
+  const int64_t body = n - n % kLanes;
+  for (int t = 0; t < rows; ++t) {
+    const float* xt = x[t];
+    for (int64_t c = 0; c < body; c += kLanes) {
+      for (int l = 0; l < kLanes; ++l) acc[t][l] += xt[c + l] * w[c + l];
+    }
+    for (int64_t c = body; c < n; ++c) acc[t][c - body] += xt[c] * w[c];
+    float s = 0.0f;
+    for (int l = 0; l < kLanes; ++l) s += acc[t][l];
+    out[t] = s;
+  }
+}
+
+// acc[c] += v * w[c]
+EFFX_SPARSE_CLONES void axpy(float v, const float* w, int64_t n, float* acc) {
+  for (int64_t c = 0; c < n; ++c) acc[c] += v * w[c];
+}
+
+inline float activate(Activation act, float v) {
+  switch (act) {
+    case Activation::None: return v;
+    case Activation::Relu: return v > 0.0f ? v : 0.0f;
+    case Activation::Gelu: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case Activation::GeluTanh: {
+      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      return 0.5f * v * (1.0f + std::tanh(inner));
+    }
+    case Activation::Silu: return v / (1.0f + std::exp(-v));
+  }
+  return v;
+}
+
+template <typename T>
+void up_impl(const SparseUpShape& s, Activation act, const T* x, const T* w_up, const T* w_gate,
+             const T* b_up, const T* b_gate, const int64_t* idx, T* h, int num_threads) {
+  const int64_t R = s.rows_per_index;
+  const int64_t K = s.k * R;  // selected rows per index set
+  const int64_t d = s.d;
+  const bool shared = s.idx_row_stride == 0;
+  const int64_t sets = shared ? 1 : s.batch;
+  const int64_t units_per_set = (K + kRowsPerUnit - 1) / kRowsPerUnit;
+  const int threads = threads_for(s.batch * K * d * (w_gate ? 2 : 1), num_threads);
+
+  // The batch in fp32, converted once: every selected row is dotted with it.
+  std::vector<float> xf(static_cast<size_t>(s.batch * d));
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const T* xr = x + b * s.x_row_stride;
+    float* dst = xf.data() + b * d;
+    if constexpr (std::is_same_v<T, float>) {
+      std::copy(xr, xr + d, dst);
+    } else {
+      widen_row(xr, d, dst);
+    }
+  }
+
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> wbuf(d), gbuf(d);
+    std::vector<float> up(4), gate(4);
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < sets * units_per_set; ++u) {
+      const int64_t set = u / units_per_set;
+      const int64_t first = (u % units_per_set) * kRowsPerUnit;
+      const int64_t last = std::min(first + kRowsPerUnit, K);
+      const int64_t* ids = idx + set * s.idx_row_stride;
+      // Batch rows that read this index set: all of them when it is shared, else row `set`.
+      const int64_t b0 = shared ? 0 : set;
+      const int64_t b1 = shared ? s.batch : set + 1;
+      for (int64_t j = first; j < last; ++j) {
+        const int64_t row = ids[j / R] * R + j % R;
+        const float* wu = as_float(w_up + row * s.w_row_stride, d, wbuf.data());
+        const float* wg = w_gate ? as_float(w_gate + row * s.w_row_stride, d, gbuf.data()) : nullptr;
+        const float bu = b_up ? to_float(b_up[row]) : 0.0f;
+        const float bg = b_gate ? to_float(b_gate[row]) : 0.0f;
+        for (int64_t b = b0; b < b1; b += 4) {
+          const int rows = static_cast<int>(std::min<int64_t>(4, b1 - b));
+          const float* xs[4];
+          for (int t = 0; t < rows; ++t) xs[t] = xf.data() + (b + t) * d;
+          dot_rows(xs, rows, wu, d, up.data());
+          if (wg) dot_rows(xs, rows, wg, d, gate.data());
+          for (int t = 0; t < rows; ++t) {
+            const float v = wg ? activate(act, gate[t] + bg) * (up[t] + bu) : activate(act, up[t] + bu);
+            h[(b + t) * K + j] = from_float<T>(v);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void down_impl(const SparseDownShape& s, const T* h, const T* w, const T* bias,
+               const int64_t* idx, T* y, int num_threads) {
+  const int64_t R = s.rows_per_index;
+  const int64_t K = s.k * R;
+  const int64_t d = s.d;
+  const bool shared = s.idx_row_stride == 0;
+  const int64_t sets = shared ? 1 : s.batch;
+  const int64_t rows_per_set = shared ? s.batch : 1;
+  const int64_t slices = (d + kColumns - 1) / kColumns;
+  const int threads = threads_for(s.batch * K * d, num_threads);
+
+  std::vector<float> hf(static_cast<size_t>(s.batch * K));
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t j = 0; j < K; ++j) hf[b * K + j] = to_float(h[b * s.h_row_stride + j]);
+  }
+
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> acc(static_cast<size_t>(rows_per_set * kColumns));
+    std::vector<float> wbuf(kColumns);
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < sets * slices; ++u) {
+      const int64_t set = u / slices;
+      const int64_t c0 = (u % slices) * kColumns;
+      const int64_t len = std::min(kColumns, d - c0);
+      const int64_t* ids = idx + set * s.idx_row_stride;
+      const int64_t b0 = shared ? 0 : set;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t row = ids[j / R] * R + j % R;
+        const float* wr = as_float(w + row * s.w_row_stride + c0, len, wbuf.data());
+        for (int64_t t = 0; t < rows_per_set; ++t) {
+          axpy(hf[(b0 + t) * K + j], wr, len, acc.data() + t * kColumns);
+        }
+      }
+      for (int64_t t = 0; t < rows_per_set; ++t) {
+        T* yr = y + (b0 + t) * d + c0;
+        const float* a = acc.data() + t * kColumns;
+        for (int64_t c = 0; c < len; ++c) {
+          yr[c] = from_float<T>(bias ? a[c] + to_float(bias[c0 + c]) : a[c]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+IndexCheck check_indices(const int64_t* idx, int64_t sets, int64_t k, int64_t set_stride,
+                         int64_t units) {
+  std::vector<uint64_t> seen(static_cast<size_t>((units + 63) / 64));
+  for (int64_t s = 0; s < sets; ++s) {
+    const int64_t* ids = idx + s * set_stride;
+    std::fill(seen.begin(), seen.end(), 0u);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t v = ids[j];
+      if (v < 0 || v >= units) return {IndexProblem::OutOfRange, s, j, v};
+      const uint64_t bit = uint64_t{1} << (v % 64);
+      if (seen[v / 64] & bit) return {IndexProblem::Duplicate, s, j, v};
+      seen[v / 64] |= bit;
+    }
+  }
+  return {IndexProblem::None, 0, 0, 0};
+}
+
+void sparse_mlp_up(const SparseUpShape& s, DType dtype, Activation act, const void* x,
+                   const void* w_up, const void* w_gate, const void* b_up, const void* b_gate,
+                   const int64_t* idx, void* h, int num_threads) {
+  if (s.batch == 0 || s.k == 0) return;
+  switch (dtype) {
+    case DType::Float32:
+      return up_impl(s, act, static_cast<const float*>(x), static_cast<const float*>(w_up),
+                     static_cast<const float*>(w_gate), static_cast<const float*>(b_up),
+                     static_cast<const float*>(b_gate), idx, static_cast<float*>(h), num_threads);
+    case DType::Float16:
+      return up_impl(s, act, static_cast<const Half*>(x), static_cast<const Half*>(w_up),
+                     static_cast<const Half*>(w_gate), static_cast<const Half*>(b_up),
+                     static_cast<const Half*>(b_gate), idx, static_cast<Half*>(h), num_threads);
+    case DType::BFloat16:
+      return up_impl(s, act, static_cast<const BFloat16*>(x), static_cast<const BFloat16*>(w_up),
+                     static_cast<const BFloat16*>(w_gate), static_cast<const BFloat16*>(b_up),
+                     static_cast<const BFloat16*>(b_gate), idx, static_cast<BFloat16*>(h),
+                     num_threads);
+  }
+}
+
+void sparse_mlp_down(const SparseDownShape& s, DType dtype, const void* h, const void* w_down_t,
+                     const void* b_down, const int64_t* idx, void* y, int num_threads) {
+  if (s.batch == 0 || s.d == 0) return;
+  switch (dtype) {
+    case DType::Float32:
+      return down_impl(s, static_cast<const float*>(h), static_cast<const float*>(w_down_t),
+                       static_cast<const float*>(b_down), idx, static_cast<float*>(y), num_threads);
+    case DType::Float16:
+      return down_impl(s, static_cast<const Half*>(h), static_cast<const Half*>(w_down_t),
+                       static_cast<const Half*>(b_down), idx, static_cast<Half*>(y), num_threads);
+    case DType::BFloat16:
+      return down_impl(s, static_cast<const BFloat16*>(h), static_cast<const BFloat16*>(w_down_t),
+                       static_cast<const BFloat16*>(b_down), idx, static_cast<BFloat16*>(y),
+                       num_threads);
+  }
+}
+
+}  // namespace cpu
+}  // namespace effx
