@@ -21,4 +21,10 @@ TORCH_LIBRARY(effx, m) {
   m.def(
       "sparse_mlp_down(Tensor h, Tensor w_down_t, Tensor idx, Tensor? b_down=None, "
       "int rows_per_index=1, bool check_indices=True) -> Tensor");
+  // Both projections in one call: h = act(x W1[idx]^T + b1[idx]) (gated with w_gate), then
+  // y = h W2t[idx] + b2.
+  m.def(
+      "sparse_mlp(Tensor x, Tensor w_up, Tensor w_down_t, Tensor idx, str activation=\"relu\", "
+      "Tensor? w_gate=None, Tensor? b_up=None, Tensor? b_down=None, Tensor? b_gate=None, "
+      "bool check_indices=True) -> Tensor");
 }

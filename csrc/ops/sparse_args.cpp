@@ -86,8 +86,7 @@ SparseUpCall prepare_sparse_up(const at::Tensor& x_in, const at::Tensor& w_up_in
                                const std::optional<at::Tensor>& w_gate_in,
                                const std::optional<at::Tensor>& b_up,
                                const std::optional<at::Tensor>& b_gate, int64_t rows_per_index,
-                               bool check_indices) {
-  constexpr const char* op = "sparse_mlp_up";
+                               bool check_indices, const char* op) {
   SparseUpCall call;
   call.act = parse_activation(activation, op);
   check_float_2d(x_in, "x", "[batch, d]", op);
@@ -134,8 +133,7 @@ SparseUpCall prepare_sparse_up(const at::Tensor& x_in, const at::Tensor& w_up_in
 
 SparseDownCall prepare_sparse_down(const at::Tensor& h_in, const at::Tensor& w_in,
                                    const at::Tensor& idx, const std::optional<at::Tensor>& b_down,
-                                   int64_t rows_per_index, bool check_indices) {
-  constexpr const char* op = "sparse_mlp_down";
+                                   int64_t rows_per_index, bool check_indices, const char* op) {
   SparseDownCall call;
   check_float_2d(h_in, "h", "[batch, k * rows_per_index]", op);
   call.dtype = float_dtype(h_in, op, "h");
@@ -162,6 +160,25 @@ SparseDownCall prepare_sparse_down(const at::Tensor& h_in, const at::Tensor& w_i
   call.shape = SparseDownShape{batch, d, k, rows_per_index, h_stride, w_stride,
                                call.idx.dim() == 1 ? 0 : k};
   call.y = at::empty({batch, d}, h_in.options());
+  return call;
+}
+
+SparseMlpCall prepare_sparse_mlp(const at::Tensor& x, const at::Tensor& w_up,
+                                 const at::Tensor& w_down_t, const at::Tensor& idx,
+                                 const std::string& activation,
+                                 const std::optional<at::Tensor>& w_gate,
+                                 const std::optional<at::Tensor>& b_up,
+                                 const std::optional<at::Tensor>& b_down,
+                                 const std::optional<at::Tensor>& b_gate, bool check_indices) {
+  constexpr const char* op = "sparse_mlp";
+  SparseMlpCall call;
+  call.up = prepare_sparse_up(x, w_up, idx, activation, w_gate, b_up, b_gate, 1, check_indices, op);
+  check_like(x, "x", w_down_t, "w_down_t", op);
+  EFFX_CHECK(w_down_t.dim() == 2 && w_down_t.size(0) == w_up.size(0), op,
+             "w_down_t must be 2-D [n, d] with the n = ", w_up.size(0), " rows of w_up, got shape ",
+             w_down_t.sizes());
+  // The indices were checked against the same n by the up projection.
+  call.down = prepare_sparse_down(call.up.h, w_down_t, call.up.idx, b_down, 1, false, op);
   return call;
 }
 

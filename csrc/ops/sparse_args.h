@@ -33,11 +33,26 @@ SparseUpCall prepare_sparse_up(const at::Tensor& x, const at::Tensor& w_up, cons
                                const std::optional<at::Tensor>& w_gate,
                                const std::optional<at::Tensor>& b_up,
                                const std::optional<at::Tensor>& b_gate, int64_t rows_per_index,
-                               bool check_indices);
+                               bool check_indices, const char* op = "sparse_mlp_up");
 
 SparseDownCall prepare_sparse_down(const at::Tensor& h, const at::Tensor& w_down_t,
                                    const at::Tensor& idx, const std::optional<at::Tensor>& b_down,
-                                   int64_t rows_per_index, bool check_indices);
+                                   int64_t rows_per_index, bool check_indices,
+                                   const char* op = "sparse_mlp_down");
+
+// The fused MLP: the up call's output h is the down call's input.
+struct SparseMlpCall {
+  SparseUpCall up;
+  SparseDownCall down;
+};
+
+SparseMlpCall prepare_sparse_mlp(const at::Tensor& x, const at::Tensor& w_up,
+                                 const at::Tensor& w_down_t, const at::Tensor& idx,
+                                 const std::string& activation,
+                                 const std::optional<at::Tensor>& w_gate,
+                                 const std::optional<at::Tensor>& b_up,
+                                 const std::optional<at::Tensor>& b_down,
+                                 const std::optional<at::Tensor>& b_gate, bool check_indices);
 
 // Data pointer of an optional tensor, null when it is absent.
 inline const void* maybe_data(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }

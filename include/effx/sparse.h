@@ -16,8 +16,8 @@
 //                   + b_down
 //
 // Accumulation is fp32. The down projection adds the selected rows of each output element in
-// index order, with no atomics, so results are bitwise reproducible on a machine for any
-// thread count (CPU) and any launch (CUDA).
+// an order fixed by the shape alone (index order on the CPU), with no atomics, so results are
+// bitwise reproducible on a machine for any thread count (CPU) and any launch (CUDA).
 #pragma once
 
 #include <cstdint>

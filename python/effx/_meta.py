@@ -33,3 +33,9 @@ def _sparse_mlp_up_fake(x, w_up, idx, activation="relu", w_gate=None, b_up=None,
 @torch.library.register_fake("effx::sparse_mlp_down")
 def _sparse_mlp_down_fake(h, w_down_t, idx, b_down=None, rows_per_index=1, check_indices=True):
     return h.new_empty((h.shape[0], w_down_t.shape[1]))
+
+
+@torch.library.register_fake("effx::sparse_mlp")
+def _sparse_mlp_fake(x, w_up, w_down_t, idx, activation="relu", w_gate=None, b_up=None, b_down=None,
+                     b_gate=None, check_indices=True):
+    return x.new_empty((x.shape[0], w_down_t.shape[1]))
