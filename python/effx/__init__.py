@@ -26,6 +26,7 @@ if _built_with.split("+")[0] != torch.__version__.split("+")[0]:
     )
 
 from effx import _meta, ops  # noqa: E402  (registers fake kernels; typed wrappers)
+from effx import sparse  # noqa: E402  (DejaVu contextual sparsity)
 
 __all__ = ["__version__", "ops", "build_info"]
 
