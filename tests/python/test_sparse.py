@@ -523,3 +523,16 @@ def test_sparse_mlp_module_density_and_per_row():
     logits = predictor(x)
     best_of_row0 = logits[0].argmax().item()
     assert best_of_row0 in predictor.select(x, 16).tolist()
+
+
+def test_bench_suite_reports_both_baselines():
+    from effx.bench import SUITES
+
+    records = SUITES["sparse"](torch.device("cpu"), quick=True)
+    assert {r.op for r in records} == {"vs-dense", "vs-gather"}
+    assert {r.shape["B"] for r in records} == {1, 4}
+    for r in records:
+        k, d = r.shape["k"], r.shape["d"]
+        assert k == round(r.shape["density"] * r.shape["n"])
+        assert r.bytes == 3 * k * d * 2 + 2 * r.shape["B"] * d * 2  # gate, up and down rows in bf16
+        assert r.time_s > 0 and r.baseline_time_s > 0
