@@ -18,7 +18,7 @@ namespace cuda {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kUpWarps = 8;          // warps per block of the up kernel
+constexpr int kUpWarps = 4;          // warps per block of the up kernel (small blocks spread evenly)
 constexpr int kDownWarps = 4;        // warps per block of the down kernel
 constexpr int kBatchTile = 8;        // largest batch tile held in registers
 constexpr long long kDownBlocks = 512;  // blocks the down kernel aims for (slices fill the rest)
