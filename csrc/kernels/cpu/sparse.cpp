@@ -1,11 +1,13 @@
 // effx family: DejaVu contextual sparsity, multithreaded CPU kernels (layout in
 // include/effx/sparse.h).
 //
-// Up: a unit of work is a run of selected weight rows; each row is converted to fp32 once into
-// a thread-local buffer and dotted with every batch row that uses it, so the weights are read
-// from memory once per call (shared index set) and the batch rows stay in cache.
+// Up: a unit of work is a run of selected weight rows; each row is streamed once, widened to
+// fp32 in registers and dotted with up to 4 batch rows at a time (a shared index set reads
+// every weight row from memory once per call; the fp32 batch rows stay in cache). The next
+// row is prefetched, since gathered rows jump around memory.
 // Down: a unit of work is a fixed slice of kColumns output columns of one index set; the thread
-// that owns it adds the selected rows in index order into fp32 accumulators. Column slices do
+// that owns it adds the selected rows in index order into fp32 accumulators, kRowBlock rows
+// per pass with kLanes columns held in registers. Column slices do
 // not depend on the thread count, so every output element sees the same additions in the same
 // order on any number of threads: bitwise reproducible, no atomics.
 #include "effx/sparse.h"
@@ -24,7 +26,6 @@
 #define EFFX_SPARSE_CLONES
 #endif
 
-
 namespace effx {
 namespace cpu {
 namespace {
@@ -36,7 +37,7 @@ constexpr int64_t kSerialWork = 1 << 16;
 constexpr int kLanes = 64;
 // Output columns owned by one unit of down-projection work (a multiple of kLanes).
 constexpr int64_t kColumns = 256;
-// Selected rows of the down projection widened to fp32 together and added as one block.
+// Selected rows of the down projection added per pass over the accumulators.
 constexpr int64_t kRowBlock = 16;
 // Selected weight rows per unit of up-projection work.
 constexpr int64_t kRowsPerUnit = 8;
@@ -71,46 +72,46 @@ inline void prefetch(const void* p, int64_t bytes) {
 
 // 16 fp32 lanes: one AVX-512 register, two AVX2 or four SSE registers depending on the clone.
 // Written with vector types because GCC's auto-vectorizer turns these nests into scalar code.
-typedef float F16x __attribute__((vector_size(64)));
-typedef uint32_t U16x __attribute__((vector_size(64)));
-typedef uint16_t H16x __attribute__((vector_size(32)));
+typedef float Floats __attribute__((vector_size(64)));
+typedef uint32_t Words __attribute__((vector_size(64)));
+typedef uint16_t Halves __attribute__((vector_size(32)));
 
 #define EFFX_INLINE inline __attribute__((always_inline))
 // These helpers are always inlined, so the ABI of 64-byte vector arguments never matters.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-EFFX_INLINE F16x load16(const float* p) {
-  F16x v;
+EFFX_INLINE Floats load16(const float* p) {
+  Floats v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-EFFX_INLINE F16x bits_to_f16x(U16x u) {
-  F16x f;
+EFFX_INLINE Floats as_floats(Words u) {
+  Floats f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
-EFFX_INLINE U16x load16_bits(const void* p) {
-  H16x h;
+EFFX_INLINE Words load16_bits(const void* p) {
+  Halves h;
   std::memcpy(&h, p, sizeof h);
-  return __builtin_convertvector(h, U16x);
+  return __builtin_convertvector(h, Words);
 }
 
-EFFX_INLINE F16x load16(const BFloat16* p) { return bits_to_f16x(load16_bits(p) << 16); }
+EFFX_INLINE Floats load16(const BFloat16* p) { return as_floats(load16_bits(p) << 16); }
 
 // The branch-free fp16 widening of widen(Half), on 16 values at once.
-EFFX_INLINE F16x load16(const Half* p) {
-  const U16x u = load16_bits(p);
-  const U16x em = u & 0x7fffu;
-  const F16x scaled = bits_to_f16x(em << 13) * 0x1p112f;
-  U16x r;
+EFFX_INLINE Floats load16(const Half* p) {
+  const Words u = load16_bits(p);
+  const Words em = u & 0x7fffu;
+  const Floats scaled = as_floats(em << 13) * 0x1p112f;
+  Words r;
   std::memcpy(&r, &scaled, sizeof r);
-  r |= reinterpret_cast<U16x>(em >= 0x7c00u) & 0x7f800000u;
-  return bits_to_f16x(r | ((u & 0x8000u) << 16));
+  r |= reinterpret_cast<Words>(em >= 0x7c00u) & 0x7f800000u;
+  return as_floats(r | ((u & 0x8000u) << 16));
 }
 
-EFFX_INLINE float lane_sum(F16x v) {
+EFFX_INLINE float lane_sum(Floats v) {
   float s = 0.0f;
   for (int l = 0; l < 16; ++l) s += v[l];
   return s;
@@ -122,10 +123,10 @@ template <int BT, typename T>
 EFFX_SPARSE_CLONES void dot_tile(const float* const* x, const T* w, int64_t n, float* out) {
   constexpr int V = 4 / BT;
   constexpr int64_t kStep = 16 * V;
-  F16x acc[BT][V] = {};
+  Floats acc[BT][V] = {};
   const int64_t body = n - n % kStep;
   for (int64_t c = 0; c < body; c += kStep) {
-    F16x wv[V];
+    Floats wv[V];
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) wv[v] = load16(w + c + 16 * v);
 #pragma GCC unroll 4
@@ -135,7 +136,7 @@ EFFX_SPARSE_CLONES void dot_tile(const float* const* x, const T* w, int64_t n, f
     }
   }
   for (int t = 0; t < BT; ++t) {
-    F16x a = acc[t][0];
+    Floats a = acc[t][0];
     for (int v = 1; v < V; ++v) a += acc[t][v];
     float sum = lane_sum(a);
     for (int64_t c = body; c < n; ++c) sum += x[t][c] * widen(w[c]);
@@ -167,7 +168,7 @@ EFFX_SPARSE_CLONES void add_rows(const float* v, const T* const* w, int64_t rows
   constexpr int V = kLanes / 16;
   const int64_t body = n - n % kLanes;
   for (int64_t c = 0; c < body; c += kLanes) {
-    F16x a[V];
+    Floats a[V];
 #pragma GCC unroll 4
     for (int q = 0; q < V; ++q) a[q] = load16(acc + c + 16 * q);
     for (int64_t j = 0; j < rows; ++j) {
