@@ -150,6 +150,25 @@ def test_per_row_equals_shared_when_rows_agree(device, dtype):
         assert rel_error(y[b:b + 1], yb) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weights_are_read_exactly(device, dtype):
+    """One-hot inputs pick single weights: subnormal, huge and signed values must come back
+    bit for bit through the widening in both projections (vector body and tail)."""
+    info = torch.finfo(dtype)
+    d, n = 83, 20
+    w = torch.randn(n, d, dtype=torch.float64)
+    w[0, :8] = torch.tensor([info.tiny / 4, info.smallest_normal, -info.tiny / 2, info.max, -info.max, 0.0, -0.0, 1.0])
+    w[5, 70:] = info.tiny / 8  # tail of the row, below the smallest normal
+    w = w.to(dtype).to(device)
+    eye = torch.eye(d, dtype=dtype, device=device)
+    idx = torch.tensor([0, 5, 19, 3], device=device)
+    h = effx.ops.sparse_mlp_up(eye, w, idx, "none")
+    assert torch.equal(h, w[idx].T)
+    y = effx.ops.sparse_mlp_down(torch.eye(4, dtype=dtype, device=device), w, idx)
+    assert torch.equal(y, w[idx])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_down_is_bitwise_deterministic_across_threads(dtype):
     batch, d, n, k = 3, 1100, 600, 400  # large enough to run threaded
