@@ -144,6 +144,68 @@ EFFX_SPARSE_CLONES void dot_tile(const float* const* x, const T* w, int64_t n, f
   }
 }
 
+// out0[t] = x_t . w0 and out1[t] = x_t . w1 in one pass (gate and up rows of a neuron): each
+// load of x_t feeds two FMAs, which is what limits the dot products at batch > 1.
+template <int BT, typename T>
+EFFX_SPARSE_CLONES void dot_tile_pair(const float* const* x, const T* w0, const T* w1, int64_t n,
+                                      float* out0, float* out1) {
+  constexpr int V = BT == 1 ? 2 : 1;
+  constexpr int64_t kStep = 16 * V;
+  Floats acc0[BT][V] = {}, acc1[BT][V] = {};
+  const int64_t body = n - n % kStep;
+  for (int64_t c = 0; c < body; c += kStep) {
+    Floats a[V], b[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      a[v] = load16(w0 + c + 16 * v);
+      b[v] = load16(w1 + c + 16 * v);
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < BT; ++t) {
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        const Floats xv = load16(x[t] + c + 16 * v);
+        acc0[t][v] += xv * a[v];
+        acc1[t][v] += xv * b[v];
+      }
+    }
+  }
+  for (int t = 0; t < BT; ++t) {
+    Floats a = acc0[t][0], b = acc1[t][0];
+    for (int v = 1; v < V; ++v) {
+      a += acc0[t][v];
+      b += acc1[t][v];
+    }
+    float s0 = lane_sum(a), s1 = lane_sum(b);
+    for (int64_t c = body; c < n; ++c) {
+      s0 += x[t][c] * widen(w0[c]);
+      s1 += x[t][c] * widen(w1[c]);
+    }
+    out0[t] = s0;
+    out1[t] = s1;
+  }
+}
+
+// dot_tile_pair for `rows` (1..4) vectors, padded like dot_rows.
+template <typename T>
+void dot_rows_pair(const float* const* x, int rows, const T* w0, const T* w1, int64_t n,
+                   float* out0, float* out1) {
+  const float* xs[4] = {x[0], x[0], x[0], x[0]};
+  for (int t = 0; t < rows; ++t) xs[t] = x[t];
+  float t0[4], t1[4];
+  if (rows == 1) {
+    dot_tile_pair<1>(xs, w0, w1, n, t0, t1);
+  } else if (rows == 2) {
+    dot_tile_pair<2>(xs, w0, w1, n, t0, t1);
+  } else {
+    dot_tile_pair<4>(xs, w0, w1, n, t0, t1);
+  }
+  for (int t = 0; t < rows; ++t) {
+    out0[t] = t0[t];
+    out1[t] = t1[t];
+  }
+}
+
 // out[t] = x_t . w for `rows` (1..4) vectors: pads to a tile of 1, 2 or 4 rows with x_0.
 template <typename T>
 void dot_rows(const float* const* x, int rows, const T* w, int64_t n, float* out) {
@@ -251,8 +313,11 @@ void up_impl(const SparseUpShape& s, Activation act, const T* x, const T* w_up, 
           const int rows = static_cast<int>(std::min<int64_t>(4, b1 - b));
           const float* xs[4];
           for (int t = 0; t < rows; ++t) xs[t] = xf.data() + (b + t) * d;
-          dot_rows(xs, rows, wu, d, up);
-          if (wg) dot_rows(xs, rows, wg, d, gate);
+          if (wg) {
+            dot_rows_pair(xs, rows, wu, wg, d, up, gate);
+          } else {
+            dot_rows(xs, rows, wu, d, up);
+          }
           for (int t = 0; t < rows; ++t) {
             const float v = wg ? activate(act, gate[t] + bg) * (up[t] + bu) : activate(act, up[t] + bu);
             h[(b + t) * K + j] = from_float<T>(v);
