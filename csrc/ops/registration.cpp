@@ -53,4 +53,20 @@ TORCH_LIBRARY(effx, m) {
   m.def(
       "block_sparse_matmul_backward(Tensor grad_out, Tensor x, Tensor blocks, Tensor row_offsets, "
       "Tensor col_indices) -> (Tensor grad_x, Tensor grad_blocks)");
+
+  // DejaVu contextual sparsity (SPECS.md section 4): gathered up/gate projection with fused
+  // bias and activation, and the down projection over the transposed weight [n, d].
+  m.def(
+      "sparse_mlp_up(Tensor x, Tensor w_up, Tensor idx, str activation=\"relu\", "
+      "Tensor? w_gate=None, Tensor? b_up=None, Tensor? b_gate=None, int rows_per_index=1, "
+      "bool check_indices=True) -> Tensor");
+  m.def(
+      "sparse_mlp_down(Tensor h, Tensor w_down_t, Tensor idx, Tensor? b_down=None, "
+      "int rows_per_index=1, bool check_indices=True) -> Tensor");
+  // Both projections in one call: h = act(x W1[idx]^T + b1[idx]) (gated with w_gate), then
+  // y = h W2t[idx] + b2.
+  m.def(
+      "sparse_mlp(Tensor x, Tensor w_up, Tensor w_down_t, Tensor idx, str activation=\"relu\", "
+      "Tensor? w_gate=None, Tensor? b_up=None, Tensor? b_down=None, Tensor? b_gate=None, "
+      "bool check_indices=True) -> Tensor");
 }

@@ -26,8 +26,9 @@ if _built_with.split("+")[0] != torch.__version__.split("+")[0]:
     )
 
 from effx import _meta, ops  # noqa: E402  (registers fake kernels; typed wrappers)
+from effx import kv, monarch, nn, sparse  # noqa: E402  (the method families)
 
-__all__ = ["__version__", "ops", "build_info"]
+__all__ = ["__version__", "ops", "kv", "monarch", "nn", "sparse", "build_info"]
 
 
 def build_info() -> dict:

@@ -114,3 +114,23 @@ def _block_sparse_matmul_grad(ctx, grad_out):
 
 torch.library.register_autograd("effx::block_sparse_matmul", _block_sparse_matmul_grad,
                                 setup_context=_block_sparse_matmul_setup)
+
+
+# --- DejaVu contextual sparsity (SPECS.md section 4)
+
+
+@torch.library.register_fake("effx::sparse_mlp_up")
+def _sparse_mlp_up_fake(x, w_up, idx, activation="relu", w_gate=None, b_up=None, b_gate=None,
+                        rows_per_index=1, check_indices=True):
+    return x.new_empty((x.shape[0], idx.shape[-1] * rows_per_index))
+
+
+@torch.library.register_fake("effx::sparse_mlp_down")
+def _sparse_mlp_down_fake(h, w_down_t, idx, b_down=None, rows_per_index=1, check_indices=True):
+    return h.new_empty((h.shape[0], w_down_t.shape[1]))
+
+
+@torch.library.register_fake("effx::sparse_mlp")
+def _sparse_mlp_fake(x, w_up, w_down_t, idx, activation="relu", w_gate=None, b_up=None, b_down=None,
+                     b_gate=None, check_indices=True):
+    return x.new_empty((x.shape[0], w_down_t.shape[1]))

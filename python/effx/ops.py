@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["quantize", "dequantize", "monarch_matmul", "monarch_matmul_backward",
-           "block_sparse_matmul", "block_sparse_matmul_backward"]
+           "block_sparse_matmul", "block_sparse_matmul_backward", "sparse_mlp_up", "sparse_mlp_down", "sparse_mlp"]
 
 
 def quantize(x: torch.Tensor, bits: int = 2, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,3 +111,85 @@ def block_sparse_matmul_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients ``(grad_x, grad_blocks)`` of :func:`block_sparse_matmul`."""
     return torch.ops.effx.block_sparse_matmul_backward(grad_out, x, blocks, row_offsets, col_indices)
+
+
+# --- DejaVu contextual sparsity (SPECS.md section 4)
+
+
+
+def sparse_mlp_up(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    idx: torch.Tensor,
+    activation: str = "relu",
+    w_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
+    rows_per_index: int = 1,
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """Gathered up projection with fused bias and activation.
+
+    ``h[b, j*R + r] = act(x[b] . w_up[idx[j]*R + r] + b_up[...])`` with ``R = rows_per_index``;
+    with ``w_gate`` the gated form ``act(x . w_gate[...] + b_gate[...]) * (x . w_up[...] + b_up[...])``
+    (``activation="silu"`` is SwiGLU). fp32 accumulation.
+
+    Args:
+        x: ``[B, d]`` float32/float16/bfloat16; rows may be strided.
+        w_up, w_gate: ``[n, d]`` like ``nn.Linear.weight``, dtype of ``x``.
+        idx: int32/int64, ``[k]`` (one set shared by the batch) or ``[B, k]`` (one per row);
+            distinct values in ``[0, n / R)``. Any k, including 0 and all of them.
+        activation: ``"none"``, ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.
+        b_up, b_gate: ``[n]`` or None.
+        rows_per_index: weight rows one index selects (``head_dim`` for attention heads).
+        check_indices: validate the indices (on CUDA this copies them to the host and waits
+            for the stream); pass False for indices valid by construction, e.g. from top-k.
+
+    Returns:
+        ``h``: ``[B, k * R]`` in the dtype of ``x``.
+    """
+    return torch.ops.effx.sparse_mlp_up(x, w_up, idx, activation, w_gate, b_up, b_gate, rows_per_index,
+                                        check_indices)
+
+
+def sparse_mlp_down(
+    h: torch.Tensor,
+    w_down_t: torch.Tensor,
+    idx: torch.Tensor,
+    b_down: torch.Tensor | None = None,
+    rows_per_index: int = 1,
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """Gathered down projection over the TRANSPOSED weight: ``y = h @ w_down_t[rows of idx] + b_down``.
+
+    Each output element adds its selected rows in an order fixed by the shape (index order on
+    the CPU) without atomics, so results are bitwise reproducible for any thread count.
+
+    Args:
+        h: ``[B, k * R]`` as returned by :func:`sparse_mlp_up` for the same ``idx``.
+        w_down_t: ``[n, d]``, the down projection's ``nn.Linear.weight`` transposed, dtype of ``h``.
+        idx: ``[k]`` or ``[B, k]``, as for :func:`sparse_mlp_up`.
+        b_down: ``[d]`` or None.
+        rows_per_index, check_indices: as for :func:`sparse_mlp_up`.
+
+    Returns:
+        ``[B, d]`` in the dtype of ``h``.
+    """
+    return torch.ops.effx.sparse_mlp_down(h, w_down_t, idx, b_down, rows_per_index, check_indices)
+
+
+def sparse_mlp(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    idx: torch.Tensor,
+    activation: str = "relu",
+    w_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """:func:`sparse_mlp_up` then :func:`sparse_mlp_down` in one operator call: ``[B, d]``."""
+    return torch.ops.effx.sparse_mlp(x, w_up, w_down_t, idx, activation, w_gate, b_up, b_down, b_gate,
+                                     check_indices)
