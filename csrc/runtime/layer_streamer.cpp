@@ -150,10 +150,28 @@ void LayerStreamer::run_fetch(int layer, std::vector<void*> dsts, Fetch* f) {
       if (!staging) throw std::runtime_error("effx.offload: fetch of layer " + std::to_string(layer) + " was cancelled");
     }
     char* stage = static_cast<char*>(staging);
+    // All disk tensors of the layer are read at once: most are smaller than one chunk, and
+    // only concurrent requests keep the device's queue full. std::async futures join when
+    // destroyed, so no read still writes into the staging block when an error releases it.
+    std::vector<std::future<void>> reads(ts.size());
+    for (size_t i = 0; i < ts.size(); ++i)
+      if (ts[i].tier == Tier::Disk)
+        reads[i] = disk_->read_async(blob_name(layer, ts[i].name), stage + ts[i].staging_offset,
+                                     HostPool::rounded(ts[i].nbytes));
+    auto finish_reads = [&] {
+      std::exception_ptr first;
+      for (auto& r : reads) {
+        if (!r.valid()) continue;
+        try {
+          r.get();
+        } catch (...) {
+          if (!first) first = std::current_exception();
+        }
+      }
+      if (first) std::rethrow_exception(first);
+    };
     if (cuda_device_ < 0) {
-      for (const auto& t : ts)
-        if (t.tier == Tier::Disk)
-          disk_->read(blob_name(layer, t.name), stage + t.staging_offset, HostPool::rounded(t.nbytes));
+      finish_reads();
       f->block = staging;
     } else {
 #ifdef EFFX_WITH_CUDA
@@ -165,7 +183,7 @@ void LayerStreamer::run_fetch(int layer, std::vector<void*> dsts, Fetch* f) {
           device::copy_to_device_async(dsts[i], layers_[layer][i].host, ts[i].nbytes, copy_stream_);
       for (size_t i = 0; i < ts.size(); ++i) {
         if (ts[i].tier != Tier::Disk) continue;
-        disk_->read(blob_name(layer, ts[i].name), stage + ts[i].staging_offset, HostPool::rounded(ts[i].nbytes));
+        reads[i].get();
         device::copy_to_device_async(dsts[i], stage + ts[i].staging_offset, ts[i].nbytes, copy_stream_);
       }
       device::event_record(f->done_event, copy_stream_);
