@@ -9,6 +9,9 @@
 
 namespace py = pybind11;
 
+// The offload runtime's classes (csrc/bindings/offload.cpp).
+void register_offload(py::module_& m);
+
 namespace {
 
 py::dict build_info() {
@@ -37,4 +40,5 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "effx compiled extension: torch.ops.effx operators and build information";
   m.def("build_info", &build_info, "What this build of effx was compiled with.");
+  register_offload(m);
 }

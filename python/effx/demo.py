@@ -16,7 +16,7 @@ from effx import kv, ops
 from effx.bench.harness import median_time
 
 # Methods of the model runner that have not landed yet; each row says so plainly.
-_PENDING = ["sparse MLP (DejaVu)", "tree speculation", "offload (FlexGen)"]
+_PENDING = ["sparse MLP (DejaVu)", "tree speculation"]
 
 BATCH, KV_HEADS, Q_HEADS, HEAD_DIM, PROMPT, STEPS = 1, 8, 32, 128, 1024, 64
 
@@ -98,6 +98,11 @@ def run_demo(device: torch.device) -> int:
 
     print(f"{'structured layer':<26} {'bytes':>11} {'vs dense':>8} {'rel. error':>11} {'ms':>9} {'dense ms':>11}")
     print(monarch_demo_row(device))
+    print()
+    from effx.offload import OFFLOAD_DEMO_HEADER, offload_demo_row
+
+    print(OFFLOAD_DEMO_HEADER)
+    print(offload_demo_row(device))
     print()
     for name in _PENDING:
         print(f"{name:<26} not built yet")

@@ -48,4 +48,5 @@ def test_demo_prints_table():
     rows = {line.split("  ")[0]: line for line in text.splitlines()}
     for name in ("dense KV cache", "KIVI-4", "KIVI-2"):
         assert "not built yet" not in rows[name] and "x" in rows[name]
-    assert "not built yet" in rows["offload (FlexGen)"]
+    assert "not built yet" not in rows["offload (FlexGen)"] and "overlap" in rows["offload (FlexGen)"]
+    assert "8 layers from disk" in rows

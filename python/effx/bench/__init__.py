@@ -4,7 +4,7 @@ Every suite returns :class:`effx.bench.harness.Record` rows measured against the
 own roofs (copy bandwidth, matmul rate) and against the plain-PyTorch way of doing the same.
 """
 
-from effx.bench import h2o, kivi, monarch, quant, sparse
+from effx.bench import h2o, kivi, monarch, offload, quant, sparse
 
 SUITES = {
     "quant": quant.run,
@@ -12,6 +12,22 @@ SUITES = {
     "h2o": h2o.run,
     "monarch": monarch.run,
     "sparse": sparse.run,
+    "offload": offload.run,
+
+SUITES = {
+    "quant": quant.run,
+    "kivi": kivi.run,
+    "h2o": h2o.run,
+    "monarch": monarch.run,
+from effx.bench import h2o, kivi, monarch, offload, quant, sparse
+
+SUITES = {
+    "quant": quant.run,
+    "kivi": kivi.run,
+    "h2o": h2o.run,
+    "monarch": monarch.run,
+    "sparse": sparse.run,
+    "offload": offload.run,
 }
 
 __all__ = ["SUITES"]
