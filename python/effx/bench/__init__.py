@@ -13,21 +13,6 @@ SUITES = {
     "monarch": monarch.run,
     "sparse": sparse.run,
     "offload": offload.run,
-
-SUITES = {
-    "quant": quant.run,
-    "kivi": kivi.run,
-    "h2o": h2o.run,
-    "monarch": monarch.run,
-from effx.bench import h2o, kivi, monarch, offload, quant, sparse
-
-SUITES = {
-    "quant": quant.run,
-    "kivi": kivi.run,
-    "h2o": h2o.run,
-    "monarch": monarch.run,
-    "sparse": sparse.run,
-    "offload": offload.run,
 }
 
 __all__ = ["SUITES"]
