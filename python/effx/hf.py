@@ -89,7 +89,7 @@ class EffxLayer(CacheLayerMixin):
 
     def __init__(self, cache: "EffxCache", index: int):
         super().__init__()
-        self._cache = weakref.proxy(cache)
+        self._cache = cache
         self.index = index
         self.seen = 0
         self.step: tuple[torch.Tensor, torch.Tensor] | None = None
