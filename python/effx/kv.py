@@ -144,6 +144,19 @@ class KVCache:
             self._append(layer, k_path, v_path, ragged, counts)
             self._host_lengths[layer] += counts
 
+    def select_rows(self, index: torch.Tensor | Sequence[int]) -> None:
+        """Rebuild every layer from batch rows ``index`` ([B'] ints in [0, B), repeats allowed):
+        beam reordering, dropping finished rows, repeating rows. The batch size becomes B'."""
+        index = torch.as_tensor(index, dtype=torch.int64).cpu()
+        if index.dim() != 1 or index.numel() < 1 or bool(((index < 0) | (index >= self.batch_size)).any()):
+            _fail(f"{type(self).__name__}.select_rows",
+                  f"index must be a non-empty 1-D list of rows in [0, {self.batch_size}), got {index.tolist()}")
+        rows = index.to(self.device)
+        self._select_storage(rows)
+        self._host_lengths = self._host_lengths[:, index]
+        self._pending = [None if p is None else (p[0][rows], p[1][rows]) for p in self._pending]
+        self.batch_size = int(index.numel())
+
     def seq_len(self, layer: int = 0) -> int:
         """Tokens seen by the longest row of ``layer``."""
         self._check_layer(f"{type(self).__name__}.seq_len", layer)
@@ -178,6 +191,10 @@ class KVCache:
         return self._host_lengths[layer]
 
     def _storage_tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError(type(self).__name__)
+
+    def _select_storage(self, rows: torch.Tensor) -> None:
+        """Replace every per-row storage tensor by its rows ``rows`` (on the cache's device)."""
         raise NotImplementedError(type(self).__name__)
 
     # --- checks --------------------------------------------------------------------------------
@@ -270,6 +287,11 @@ class DenseCache(KVCache):
 
     def _storage_tensors(self):
         return self.k + self.v
+
+    def _select_storage(self, rows):
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+        self._lengths = [t[rows] for t in self._lengths]
 
 
 @dataclasses.dataclass
@@ -407,6 +429,9 @@ class KIVICache(KVCache):
 
     def _storage_tensors(self):
         return [t for s in self._layers for t in s.values()]
+
+    def _select_storage(self, rows):
+        self._layers = [{n: t[rows] for n, t in s.items()} for s in self._layers]
 
 
 class H2OCache(KVCache):
@@ -553,3 +578,8 @@ class H2OCache(KVCache):
 
     def _storage_tensors(self):
         return self.k + self.v + self._scores + self._positions + self._state
+
+    def _select_storage(self, rows):
+        for name in ("k", "v", "_scores", "_positions", "_state"):
+            setattr(self, name, [t[rows] for t in getattr(self, name)])
+        self._host_held = self._host_held[:, rows.cpu()]
