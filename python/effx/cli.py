@@ -116,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"effx generate: {err}", file=sys.stderr)
         return 1
     texts = [model.tokenizer.decode(t) for t in result.tokens]
-    random_note = "; RANDOM weights, the text is meaningless" if args.model == "random" else ""
+    random_note = "; the text is meaningless" if args.model == "random" else ""
     print(f"# {model.name} on {device} ({str(model.dtype).replace('torch.', '')}), KV cache {args.kv}{random_note}")
     for b, (prompt, text) in enumerate(zip(args.prompt, texts)):
         print(f"\n[{b}] {prompt}{text}")

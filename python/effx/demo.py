@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import sys
 import time
 
 import torch
@@ -92,9 +93,12 @@ def _fidelity(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, flo
 def model_rows(model: models.CausalLM, prompts: list[list[int]], new_tokens: int) -> list[dict]:
     """Generate with each method (greedy, no stop tokens so every method makes the same number
     of tokens) and score each along the dense model's own greedy stream."""
+    from tqdm.auto import tqdm
+
     models.generate(model, [p[:8] for p in prompts], max_new_tokens=2)  # warm-up: thread pools, first calls
     rows, reference, dense_bytes = [], None, None
-    for name, (policy, options) in _CACHES.items():
+    for name, (policy, options) in tqdm(_CACHES.items(), desc="methods", leave=False,
+                                        disable=not sys.stderr.isatty()):
         with _PeakMemory(model.device) as mem:
             result = models.generate(model, prompts, max_new_tokens=new_tokens, cache=policy, cache_options=options)
         if reference is None:
@@ -141,6 +145,14 @@ def quant_rows(device: torch.device, dtype: torch.dtype) -> list[str]:
 def run_demo(device: torch.device, *, model_dir: str | None = None, new_tokens: int = 64,
              json_path: str | None = None) -> int:
     start = time.perf_counter()
+    runner_table(device, model_dir=model_dir, new_tokens=new_tokens, json_path=json_path)
+    primitives_table(device)
+    print(f"\ndemo took {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def runner_table(device: torch.device, *, model_dir: str | None, new_tokens: int, json_path: str | None) -> None:
+    """The model runner's table: every method generating with one model."""
     if model_dir is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = models.random_model(dtype=dtype, device=device)
@@ -171,10 +183,11 @@ def run_demo(device: torch.device, *, model_dir: str | None = None, new_tokens: 
             json.dump(dict(model=model.name, device=str(device), prompt_tokens=[len(p) for p in prompts],
                            new_tokens=new_tokens, rows=rows), f, indent=2)
         print(f"wrote {json_path}")
-    del model
 
-    print(f"\nprimitives not in the runner yet\n")
-    print(f"quantization of a [4, 8, 1024, 128] float16 tensor (the KV-cache compressor)")
+
+def primitives_table(device: torch.device) -> None:
+    print("\nprimitives not in the runner yet\n")
+    print("quantization of a [4, 8, 1024, 128] float16 tensor (the KV-cache compressor)")
     print(f"{'method':<26} {'bytes':>11} {'vs fp16':>8} {'rel. error':>11} {'quant ms':>9} {'dequant ms':>11}")
     for row in quant_rows(device, torch.float16):
         print(row)
@@ -183,5 +196,3 @@ def run_demo(device: torch.device, *, model_dir: str | None = None, new_tokens: 
 
     print(f"{'structured layer':<26} {'bytes':>11} {'vs dense':>8} {'rel. error':>11} {'ms':>9} {'dense ms':>11}")
     print(monarch_demo_row(device))
-    print(f"\ndemo took {time.perf_counter() - start:.0f} s")
-    return 0

@@ -460,3 +460,21 @@ def test_cli_bad_flags_and_models(tmp_path):
     assert out.returncode == 2 and "--heavy and --recent apply to --kv h2o" in out.stderr
     out = effx_cli("generate", "--model", str(tmp_path), "--prompt", "x")
     assert out.returncode == 1 and "no config.json in" in out.stderr
+
+
+def test_demo_runner_table_on_a_checkpoint(checkpoint, tmp_path, capsys):
+    from effx.demo import runner_table
+
+    write_tokenizer(checkpoint)
+    path = tmp_path / "demo.json"
+    runner_table(torch.device("cpu"), model_dir=str(checkpoint), new_tokens=6, json_path=str(path))
+    text = capsys.readouterr().out
+    assert "RANDOM" not in text and checkpoint.name in text
+    doc = json.loads(path.read_text())
+    assert doc["new_tokens"] == 6 and len(doc["prompt_tokens"]) == 2 and min(doc["prompt_tokens"]) > 128
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert rows["dense KV cache"]["top1_agreement"] == 1.0 and rows["dense KV cache"]["kl_vs_dense"] == 0.0
+    assert rows["KIVI-2"]["kv_bytes"] < rows["dense KV cache"]["kv_bytes"]
+    assert rows["tree speculation"] == {"method": "tree speculation", "not_merged": True}
+    lines = text.splitlines()
+    assert all(any(line.startswith(name) for line in lines) for name in rows)

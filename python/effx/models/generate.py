@@ -44,11 +44,13 @@ def _fail(message: str) -> None:
 
 
 def make_cache(model: CausalLM, policy: str, batch_size: int, capacity: int, *, prompt_len: int,
-               heavy: int | float = 0.1, recent: int | float = 0.1, group_size: int = 32, residual: int = 128,
-               prefill_chunk: int = 128) -> kv.KVCache:
+               heavy: int | float = 0.1, recent: int | float = 0.1, group_size: int | None = None,
+               residual: int = 128, prefill_chunk: int = 128) -> kv.KVCache:
     """A cache of ``policy`` (dense, kivi2, kivi4, h2o) sized for ``model``.
 
-    ``capacity``: prompt + new tokens of the longest row. H2O holds only its budget
+    ``capacity``: prompt + new tokens of the longest row. KIVI groups ``group_size`` tokens or
+    channels (default 32, or 16 for head dims 32 does not divide) and keeps ``residual``
+    tokens in full precision. H2O holds only its budget
     (``heavy`` + ``recent``: token counts, or fractions of ``prompt_len``) plus one prefill
     chunk, the prompt being scored and evicted in chunks of ``prefill_chunk``.
     """
@@ -58,6 +60,8 @@ def make_cache(model: CausalLM, policy: str, batch_size: int, capacity: int, *, 
     if policy == "dense":
         return kv.DenseCache(*shape, capacity, **where)
     if policy in ("kivi2", "kivi4"):
+        if group_size is None:
+            group_size = 32 if c.head_dim % 32 == 0 else 16
         return kv.KIVICache(*shape, capacity, bits=int(policy[-1]), group_size=group_size, residual=residual, **where)
     if policy == "h2o":
         budget = sum(round(x * prompt_len) if isinstance(x, float) else x for x in (heavy, recent))
