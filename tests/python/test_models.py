@@ -214,12 +214,14 @@ def test_teacher_forced_dense_equals_full_forward(tiny):
     assert rel_error(logits[0], full[0, len(prompt) - 1:len(prompt) + 5]) < 1e-5
 
 
-def test_stop_tokens_end_rows_independently(tiny):
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_stop_tokens_end_rows_independently(tiny, policy):
     prompts = prompts_of([12, 33], seed=2)
-    free = models.generate(tiny, prompts, max_new_tokens=16).tokens
+    run = dict(max_new_tokens=16, cache=policy, cache_options=POLICIES[policy])
+    free = models.generate(tiny, prompts, **run).tokens
     stop = free[0][3]
     assert stop not in free[0][:3]
-    result = models.generate(tiny, prompts, max_new_tokens=16, stop_tokens=[stop])
+    result = models.generate(tiny, prompts, stop_tokens=[stop], **run)
     assert result.tokens[0] == free[0][:4] and result.finish_reasons[0] == "stop"
     # The other row keeps going, unaffected by its neighbour having stopped.
     cut = free[1].index(stop) + 1 if stop in free[1] else 16
@@ -284,6 +286,24 @@ def test_weights_hook_serves_layers_in_order(tiny):
     provider.store[1].pop("mlp.up_proj.weight")
     with pytest.raises(RuntimeError, match="up_proj"):
         tiny(torch.tensor([prompts[0]]), weights=provider)
+
+
+def test_token_tree_forward_and_commit(tiny):
+    # The hook tree speculation uses: tree tokens with depth positions, then commit_tree.
+    prompt = prompts_of([19], seed=8)[0]
+    a, b, c, d, e = 5, 77, 200, 13, 99
+    cache = tiny.new_cache(1, 40)
+    tiny(torch.tensor([prompt]), cache=cache)
+    n = len(prompt)
+    tree = tiny(torch.tensor([[a, b, c, d]]), cache=cache, parents=[-1, 0, 0, 1],
+                positions=torch.tensor([[n, n + 1, n + 1, n + 2]]))
+    path = tiny(torch.tensor([prompt + [a, b, d]]))[0, n:]
+    assert rel_error(tree[0, [0, 1, 3]], path) < 1e-5
+    assert rel_error(tree[0, 2], tiny(torch.tensor([prompt + [a, c]]))[0, -1]) < 1e-5
+    cache.commit_tree([0, 1, 3])
+    assert cache.seq_len(0) == n + 3
+    after = tiny(torch.tensor([[e]]), cache=cache)[0, -1]
+    assert rel_error(after, tiny(torch.tensor([prompt + [a, b, d, e]]))[0, -1]) < 1e-5
 
 
 def test_unmerged_methods_say_so(tiny):
