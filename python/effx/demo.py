@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from effx import models, ops
 from effx.bench.harness import median_time
@@ -93,8 +94,6 @@ def _fidelity(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, flo
 def model_rows(model: models.CausalLM, prompts: list[list[int]], new_tokens: int) -> list[dict]:
     """Generate with each method (greedy, no stop tokens so every method makes the same number
     of tokens) and score each along the dense model's own greedy stream."""
-    from tqdm.auto import tqdm
-
     models.generate(model, [p[:8] for p in prompts], max_new_tokens=2)  # warm-up: thread pools, first calls
     rows, reference, dense_bytes = [], None, None
     for name, (policy, options) in tqdm(_CACHES.items(), desc="methods", leave=False,

@@ -167,6 +167,23 @@ def test_generate_with_each_cache(tiny, policy):
     assert torch.isfinite(got).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_generate_in_half_precision(dtype):
+    model = models.random_model(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=256,
+                                seed=3, dtype=dtype)
+    full = models.random_model(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=256,
+                               seed=3)
+    prompts = prompts_of([40, 52])
+    stream = torch.tensor(models.generate(full, prompts, max_new_tokens=8).tokens)
+    want = models.teacher_forced_logits(full, prompts, stream)
+    for policy, options in POLICIES.items():
+        result = models.generate(model, prompts, max_new_tokens=8, cache=policy, cache_options=options)
+        assert result.cache.dtype == dtype and [len(t) for t in result.tokens] == [8, 8]
+        got = models.teacher_forced_logits(model, prompts, stream, cache=policy, cache_options=options)
+        assert torch.isfinite(got).all()
+        assert (got.argmax(-1) == want.argmax(-1)).double().mean() > 0.5
+
+
 def test_kivi_quantizes_during_generation(tiny):
     result = models.generate(tiny, prompts_of([70]), max_new_tokens=10, cache="kivi2", cache_options=dict(residual=32))
     state = result.cache.quantized_lengths(0)[0].tolist()

@@ -17,6 +17,7 @@ import time
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from effx import kv
 from effx.models.llama import CausalLM, LayerWeights
@@ -207,8 +208,6 @@ def generate(model: CausalLM, prompts, *, max_new_tokens: int = 32, cache: str |
     out = [[] for _ in range(batch)]
     active = torch.ones(batch, dtype=torch.bool)
     start = time.perf_counter()
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=not progress, leave=False)
     for step in range(max_new_tokens):
         for b in active.nonzero().flatten().tolist():
