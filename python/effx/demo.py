@@ -74,12 +74,14 @@ class _PeakMemory:
             self.peak = self._status("VmHWM") - self.start
 
 
-# The runner's methods: name -> (cache policy, cache options). "dense" is the reference.
-_CACHES = {
-    "dense KV cache": ("dense", {}),
-    "KIVI-2": ("kivi2", {}),
-    "KIVI-4": ("kivi4", {}),
-    "H2O 20%": ("h2o", dict(heavy=0.1, recent=0.1)),
+# The runner's methods: name -> keyword arguments of generate / teacher_forced_logits (a cache
+# policy and its options; a method merged later adds its mlp= or weights= here). The first one
+# is the reference.
+_METHODS = {
+    "dense KV cache": dict(cache="dense"),
+    "KIVI-2": dict(cache="kivi2"),
+    "KIVI-4": dict(cache="kivi4"),
+    "H2O 20%": dict(cache="h2o", cache_options=dict(heavy=0.1, recent=0.1)),
 }
 
 
@@ -96,14 +98,13 @@ def model_rows(model: models.CausalLM, prompts: list[list[int]], new_tokens: int
     of tokens) and score each along the dense model's own greedy stream."""
     models.generate(model, [p[:8] for p in prompts], max_new_tokens=2)  # warm-up: thread pools, first calls
     rows, reference, dense_bytes = [], None, None
-    for name, (policy, options) in tqdm(_CACHES.items(), desc="methods", leave=False,
-                                        disable=not sys.stderr.isatty()):
+    for name, method in tqdm(_METHODS.items(), desc="methods", leave=False, disable=not sys.stderr.isatty()):
         with _PeakMemory(model.device) as mem:
-            result = models.generate(model, prompts, max_new_tokens=new_tokens, cache=policy, cache_options=options)
+            result = models.generate(model, prompts, max_new_tokens=new_tokens, **method)
         if reference is None:
             stream = torch.tensor(result.tokens)
             dense_bytes = result.kv_bytes
-        logits = models.teacher_forced_logits(model, prompts, stream, cache=policy, cache_options=options)
+        logits = models.teacher_forced_logits(model, prompts, stream, **method)
         if reference is None:
             reference = logits
         agree, kl = _fidelity(logits, reference)
