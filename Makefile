@@ -13,7 +13,8 @@ test: install pytest ctest
 # a machine with a CUDA torch keeps it.
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -q "scikit-build-core>=0.10" ninja "cmake>=3.24" numpy "pytest>=7" "hypothesis>=6" "scipy>=1.9" "transformers==5.24.0"
+	$(PYTHON) -m pip install -q "scikit-build-core>=0.10" ninja "cmake>=3.24" numpy "pytest>=7" "hypothesis>=6" \
+		"scipy>=1.9" safetensors tokenizers tqdm "transformers==5.24.0"
 
 install: setup
 	$(PYTHON) -m pip install -q --no-build-isolation .

@@ -1,8 +1,9 @@
-"""The ``effx`` command: ``info``, ``bench`` and ``demo``."""
+"""The ``effx`` command: ``info``, ``bench``, ``generate`` and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -57,10 +58,99 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(text: str) -> int | float:
+    """--heavy/--recent: a token count ("64") or a fraction of the prompt ("0.1")."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count or a fraction, got {text!r}") from None
+
+
+def _load_model(name: str, dtype: str, device: torch.device):
+    from effx import models
+
+    if name == "random":
+        return models.random_model(dtype=torch.float32 if dtype == "auto" else getattr(torch, dtype),
+                                   device=device)
+    return models.from_pretrained(name, dtype=dtype, device=device)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from effx import models
+
+    # Methods from branches not merged yet: accepted on the command line, refused plainly.
+    for flag, value, method in (("--sparsity", args.sparsity, "sparse MLP (DejaVu)"),
+                                ("--spec-draft", args.spec_draft, "tree speculation"),
+                                ("--offload", args.offload, "offload (FlexGen)")):
+        if value is not None:
+            print(f"effx generate: {flag}: {models.MethodNotMerged(method)}", file=sys.stderr)
+            return 2
+    if args.kv != "h2o" and (args.heavy is not None or args.recent is not None):
+        print("effx generate: --heavy and --recent apply to --kv h2o", file=sys.stderr)
+        return 2
+    device = _device(args.device)
+    try:
+        model = _load_model(args.model, args.dtype, device)
+    except ValueError as err:
+        print(f"effx generate: {err}", file=sys.stderr)
+        return 1
+    if model.tokenizer is None:
+        print(f"effx generate: {args.model} has no tokenizer.json to encode the prompts", file=sys.stderr)
+        return 1
+    ids = [model.tokenizer.encode(p) for p in args.prompt]
+    options = {}
+    if args.kv == "h2o":
+        options = dict(heavy=0.1 if args.heavy is None else args.heavy,
+                       recent=0.1 if args.recent is None else args.recent)
+    stop = args.stop if args.stop is not None else list(model.config.eos_token_ids)
+    try:
+        result = models.generate(model, ids, max_new_tokens=args.max_new_tokens, cache=args.kv,
+                                 cache_options=options, temperature=args.temperature, top_p=args.top_p,
+                                 stop_tokens=stop, generator=torch.Generator(device).manual_seed(args.seed),
+                                 progress=sys.stderr.isatty())
+    except ValueError as err:
+        print(f"effx generate: {err}", file=sys.stderr)
+        return 1
+    texts = [model.tokenizer.decode(t) for t in result.tokens]
+    random_note = "; the text is meaningless" if args.model == "random" else ""
+    print(f"# {model.name} on {device} ({str(model.dtype).replace('torch.', '')}), KV cache {args.kv}{random_note}")
+    for b, (prompt, text) in enumerate(zip(args.prompt, texts)):
+        print(f"\n[{b}] {prompt}{text}")
+    print(f"\n{'#':>3} {'prompt tok':>10} {'new tok':>8} {'finish':>7}")
+    for b, tokens in enumerate(result.tokens):
+        print(f"{b:>3} {result.prompt_lengths[b]:>10} {len(tokens):>8} {result.finish_reasons[b]:>7}")
+    print(f"\nprefill {result.prefill_seconds:.3f} s, decode {result.decode_tokens_per_second:.1f} tokens/s "
+          f"(batch {len(ids)}), KV cache {result.kv_bytes:,} bytes")
+    if args.json:
+        import effx
+
+        doc = dict(effx_version=effx.__version__, model=model.name, random_weights=args.model == "random",
+                   device=str(device), dtype=str(model.dtype).replace("torch.", ""), kv=args.kv, kv_options=options,
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                   max_new_tokens=args.max_new_tokens, prefill_s=result.prefill_seconds,
+                   decode_s=result.decode_seconds, decode_tokens_per_s=result.decode_tokens_per_second,
+                   kv_bytes=result.kv_bytes,
+                   outputs=[dict(prompt=p, prompt_tokens=n, tokens=t, text=x, finish_reason=r)
+                            for p, n, t, x, r in zip(args.prompt, result.prompt_lengths, result.tokens, texts,
+                                                     result.finish_reasons)])
+        text = json.dumps(doc, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+            print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from effx.demo import run_demo
 
-    return run_demo(_device(args.device))
+    return run_demo(_device(args.device), model_dir=args.model, new_tokens=args.new_tokens, json_path=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +163,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     b.set_defaults(fn=cmd_bench)
-    d = sub.add_parser("demo", help="run every effx method built so far and compare")
+    g = sub.add_parser("generate", help="generate text with a checkpoint and any effx method")
+    g.add_argument("--model", required=True, metavar="DIR",
+                   help="Hugging Face checkpoint folder (Llama, Mistral, Qwen2), or 'random' for the built-in "
+                        "random-weight model")
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    g.add_argument("--stop", type=int, action="append", metavar="ID",
+                   help="stop token id (repeatable; default: the model's EOS ids)")
+    g.add_argument("--kv", choices=["dense", "kivi2", "kivi4", "h2o"], default="dense", help="KV-cache policy")
+    g.add_argument("--heavy", type=_budget, help="H2O heavy hitters: tokens or fraction of the prompt (0.1)")
+    g.add_argument("--recent", type=_budget, help="H2O recent window: tokens or fraction of the prompt (0.1)")
+    g.add_argument("--sparsity", type=float, help="sparse MLP (DejaVu) sparsity (not merged yet)")
+    g.add_argument("--spec-draft", metavar="DIR", help="draft model for tree speculation (not merged yet)")
+    g.add_argument("--offload", metavar="POLICY", help="serve weights through the offload engine (not merged yet)")
+    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
+    g.set_defaults(fn=cmd_generate)
+    d = sub.add_parser("demo", help="generate with every effx method on one model and compare")
+    d.add_argument("--model", metavar="DIR", help="a Hugging Face checkpoint folder (default: the built-in "
+                                                  "random-weight model)")
+    d.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
     d.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    d.add_argument("--json", metavar="PATH", help="write the model-runner rows as JSON")
     d.set_defaults(fn=cmd_demo)
     return p
 

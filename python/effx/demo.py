@@ -1,66 +1,127 @@
-"""``effx demo``: every effx method built so far, on one machine, in one table.
+"""``effx demo``: generation with every effx method on one model, in one table, then the
+primitives that are not part of the runner yet (quantization, MonarchLinear).
 
-The model runner (a small Llama-architecture model generating with each method) is still to
-come; until then the demo drives what exists on synthetic data with random values (fixed
-seed): the KV caches through a decode loop of one attention layer, and the quantization
-primitive on a KV-cache-shaped tensor. Methods not built yet are listed as such.
+With no model given it builds the package's small Llama-architecture model with RANDOM weights
+(seed 0) and a batch of two random prompts of different lengths: speeds, cache sizes and
+memory are real, and fidelity (top-1 agreement, KL of the next-token distributions against
+the dense cache on the same forced token stream) shows what each method changes, though not
+how a trained model would respond. ``--model DIR`` runs the same on a real checkpoint.
 """
 
 from __future__ import annotations
 
+import gc
+import json
+import re
+import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
-from effx import kv, ops
+from effx import models, ops
 from effx.bench.harness import median_time
 
-# Methods of the model runner that have not landed yet; each row says so plainly.
-_PENDING = ["sparse MLP (DejaVu)", "tree speculation"]
+_PROMPT_LENGTHS = (512, 384)  # the random model's batch: ragged on purpose
+_TEXT = (
+    "The river town had grown up around a single bridge, and for two hundred years every road in the valley "
+    "bent toward it. Merchants crossed it with wool in spring and grain in autumn; soldiers crossed it twice, "
+    "once in each direction, and the town remembered both crossings for a century. When the railway came, "
+    "the engineers surveyed the old stone arches, shook their heads, and built a new iron span a mile "
+    "downstream. Within a generation the market square had moved to meet the station, the inns along the "
+    "old road had become houses, and children who had never seen a cart on the bridge used it as a place to "
+    "fish. The town council debated for years whether to repair the arches or let the river have them. In "
+    "the end a schoolteacher settled the matter by collecting the names carved into the parapet, more than "
+    "three thousand of them, and printing them in a small book that every household bought. "
+)
+_TEXT_PROMPTS = (
+    _TEXT * 2 + "Question: why did the market square move? Answer:",
+    _TEXT + "In one sentence, the story is about",
+)
 
-BATCH, KV_HEADS, Q_HEADS, HEAD_DIM, PROMPT, STEPS = 1, 8, 32, 128, 1024, 64
+
+class _PeakMemory:
+    """Peak memory a block adds over its start: CUDA allocator peak on GPU; on Linux CPUs the
+    growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.start = self._status("VmRSS")
+            except OSError:
+                self.start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.start is not None:
+            self.peak = self._status("VmHWM") - self.start
 
 
-def _decode(cache: kv.KVCache, qs, ks, vs):
-    """Prefill then one token per step through ``cache``; returns (outputs, decode seconds)."""
-    cache.attend(0, qs[0], ks[0], vs[0])
-    outs = []
-    start = time.perf_counter()
-    for q, k, v in zip(qs[1:], ks[1:], vs[1:]):
-        outs.append(cache.attend(0, q, k, v))
-    if qs[0].is_cuda:
-        torch.cuda.synchronize()
-    return torch.cat(outs, 2), time.perf_counter() - start
+# The runner's methods: name -> keyword arguments of generate / teacher_forced_logits (a cache
+# policy and its options; a method merged later adds its mlp= or weights= here). The first one
+# is the reference.
+_METHODS = {
+    "dense KV cache": dict(cache="dense"),
+    "KIVI-2": dict(cache="kivi2"),
+    "KIVI-4": dict(cache="kivi4"),
+    "H2O 20%": dict(cache="h2o", cache_options=dict(heavy=0.1, recent=0.1)),
+}
 
 
-def cache_rows(device: torch.device, dtype: torch.dtype) -> list[str]:
-    g = torch.Generator().manual_seed(0)
+def _fidelity(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(reference || method)) of next-token distributions."""
+    agree = (logits.argmax(-1) == reference.argmax(-1)).double().mean().item()
+    ref, got = reference.double().log_softmax(-1), logits.double().log_softmax(-1)
+    kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
+    return agree, kl
 
-    def rand(h, t):
-        return torch.randn(BATCH, h, t, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
 
-    lens = [PROMPT] + [1] * STEPS
-    qs, ks, vs = [rand(Q_HEADS, t) for t in lens], [rand(KV_HEADS, t) for t in lens], [rand(KV_HEADS, t) for t in lens]
-    capacity = PROMPT + STEPS
-    caches = {
-        "dense KV cache": kv.DenseCache(1, BATCH, KV_HEADS, HEAD_DIM, capacity, dtype=dtype, device=device),
-        "KIVI-4": kv.KIVICache(1, BATCH, KV_HEADS, HEAD_DIM, capacity, bits=4, dtype=dtype, device=device),
-        "KIVI-2": kv.KIVICache(1, BATCH, KV_HEADS, HEAD_DIM, capacity, bits=2, dtype=dtype, device=device),
-        # 20% of the prompt (10% heavy + 10% recent); the prompt is scored and evicted in
-        # chunks of 128 so the storage never exceeds the budget plus one chunk.
-        "H2O 20% (streamed prefill)": kv.H2OCache(1, BATCH, KV_HEADS, HEAD_DIM, PROMPT // 5 + 128, heavy=0.1,
-                                                 recent=0.1, dtype=dtype, device=device, prefill_chunk=128),
-    }
-    rows, reference = [], None
-    for name, cache in caches.items():
-        out, seconds = _decode(cache, qs, ks, vs)
+def model_rows(model: models.CausalLM, prompts: list[list[int]], new_tokens: int) -> list[dict]:
+    """Generate with each method (greedy, no stop tokens so every method makes the same number
+    of tokens) and score each along the dense model's own greedy stream."""
+    models.generate(model, [p[:8] for p in prompts], max_new_tokens=2)  # warm-up: thread pools, first calls
+    rows, reference, dense_bytes = [], None, None
+    for name, method in tqdm(_METHODS.items(), desc="methods", leave=False, disable=not sys.stderr.isatty()):
+        with _PeakMemory(model.device) as mem:
+            result = models.generate(model, prompts, max_new_tokens=new_tokens, **method)
         if reference is None:
-            reference, dense_bytes = out.double(), cache.nbytes()
-        err = ((out.double() - reference).norm() / reference.norm()).item()
-        cos = torch.nn.functional.cosine_similarity(out.double().flatten(1), reference.flatten(1)).min().item()
-        rows.append(f"{name:<26} {STEPS / seconds:>10.1f} {cache.nbytes():>12,} {dense_bytes / cache.nbytes():>7.2f}x "
-                    f"{err:>11.2e} {cos:>8.4f}")
+            stream = torch.tensor(result.tokens)
+            dense_bytes = result.kv_bytes
+        logits = models.teacher_forced_logits(model, prompts, stream, **method)
+        if reference is None:
+            reference = logits
+        agree, kl = _fidelity(logits, reference)
+        rows.append(dict(method=name, tokens_per_s=result.decode_tokens_per_second, kv_bytes=result.kv_bytes,
+                         vs_dense=dense_bytes / result.kv_bytes, peak_bytes=mem.peak, top1_agreement=agree,
+                         kl_vs_dense=kl))
+    for name in models.NOT_MERGED:
+        rows.append(dict(method=name, not_merged=True))
     return rows
+
+
+def _format_model_row(r: dict) -> str:
+    if r.get("not_merged"):
+        return f"{r['method']:<26} not merged yet"
+    peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f} MiB"
+    return (f"{r['method']:<26} {r['tokens_per_s']:>9.1f} {r['kv_bytes']:>12,} {r['vs_dense']:>7.2f}x "
+            f"{peak:>11} {r['top1_agreement']:>8.1%} {r['kl_vs_dense']:>10.2e}")
 
 
 def quant_rows(device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -81,15 +142,52 @@ def quant_rows(device: torch.device, dtype: torch.dtype) -> list[str]:
     return rows
 
 
-def run_demo(device: torch.device) -> int:
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    print(f"effx demo on {device} ({dtype}); synthetic data with random values (seed 0)\n")
-    print(f"KV caches: one attention layer, batch {BATCH}, {KV_HEADS} kv-heads, {Q_HEADS} query heads, "
-          f"head_dim {HEAD_DIM}, prompt {PROMPT}, {STEPS} decode steps; error and cosine vs dense outputs")
-    print(f"{'method':<26} {'steps/s':>10} {'KV bytes':>12} {'smaller':>8} {'rel. error':>11} {'min cos':>8}")
-    for row in cache_rows(device, dtype):
-        print(row)
-    print(f"\nquantization of a [4, 8, 1024, 128] float16 tensor (the KV-cache compressor)")
+def run_demo(device: torch.device, *, model_dir: str | None = None, new_tokens: int = 64,
+             json_path: str | None = None) -> int:
+    start = time.perf_counter()
+    runner_table(device, model_dir=model_dir, new_tokens=new_tokens, json_path=json_path)
+    primitives_table(device)
+    print(f"\ndemo took {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def runner_table(device: torch.device, *, model_dir: str | None, new_tokens: int, json_path: str | None) -> None:
+    """The model runner's table: every method generating with one model."""
+    if model_dir is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = models.random_model(dtype=dtype, device=device)
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in _PROMPT_LENGTHS]
+        print(f"effx demo on {device} ({dtype}): the built-in {model.name}; prompts are random bytes, so the "
+              f"generated text is meaningless and fidelity shows only what each method changes\n")
+    else:
+        model = models.from_pretrained(model_dir, dtype="auto" if device.type == "cuda" else torch.float32,
+                                       device=device)
+        if model.tokenizer is None:
+            raise SystemExit(f"effx demo: {model_dir} has no tokenizer.json to encode the prompts")
+        prompts = [model.tokenizer.encode(p) for p in _TEXT_PROMPTS]
+        print(f"effx demo on {device} ({model.dtype}): {model.name}\n")
+    c = model.config
+    print(f"model runner: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} query / {c.num_kv_heads} kv "
+          f"heads; batch of {len(prompts)} prompts ({', '.join(str(len(p)) for p in prompts)} tokens), "
+          f"{new_tokens} new tokens each, greedy")
+    print("fidelity: next-token distributions along the dense cache's greedy stream (top-1 agreement, KL)")
+    print(f"{'method':<26} {'tokens/s':>9} {'KV bytes':>12} {'smaller':>8} {'peak mem':>11} {'top-1':>8} "
+          f"{'KL':>10}")
+    rows = model_rows(model, prompts, new_tokens)
+    for r in rows:
+        print(_format_model_row(r))
+    print("peak mem: what generation adds at its peak (CUDA allocator; on CPU the growth of peak RSS)")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(model=model.name, device=str(device), prompt_tokens=[len(p) for p in prompts],
+                           new_tokens=new_tokens, rows=rows), f, indent=2)
+        print(f"wrote {json_path}")
+
+
+def primitives_table(device: torch.device) -> None:
+    print("\nprimitives not in the runner yet\n")
+    print("quantization of a [4, 8, 1024, 128] float16 tensor (the KV-cache compressor)")
     print(f"{'method':<26} {'bytes':>11} {'vs fp16':>8} {'rel. error':>11} {'quant ms':>9} {'dequant ms':>11}")
     for row in quant_rows(device, torch.float16):
         print(row)
@@ -98,12 +196,3 @@ def run_demo(device: torch.device) -> int:
 
     print(f"{'structured layer':<26} {'bytes':>11} {'vs dense':>8} {'rel. error':>11} {'ms':>9} {'dense ms':>11}")
     print(monarch_demo_row(device))
-    print()
-    from effx.offload import OFFLOAD_DEMO_HEADER, offload_demo_row
-
-    print(OFFLOAD_DEMO_HEADER)
-    print(offload_demo_row(device))
-    print()
-    for name in _PENDING:
-        print(f"{name:<26} not built yet")
-    return 0

@@ -42,11 +42,20 @@ def test_bench_rejects_unknown_family():
     assert out.returncode == 2 and "unknown family nope" in out.stderr
 
 
-def test_demo_prints_table():
-    text = _run("demo", "--device", "cpu")
-    assert "quantize 2-bit, G=32" in text and "rel. error" in text
+def test_demo_prints_table(tmp_path):
+    path = tmp_path / "demo.json"
+    text = _run("demo", "--device", "cpu", "--json", str(path))
+    assert "RANDOM weights" in text
+    assert "quantize 2-bit, G=32" in text and "rel. error" in text and "MonarchLinear 16 blocks" in text
     rows = {line.split("  ")[0]: line for line in text.splitlines()}
-    for name in ("dense KV cache", "KIVI-4", "KIVI-2"):
-        assert "not built yet" not in rows[name] and "x" in rows[name]
-    assert "not built yet" not in rows["offload (FlexGen)"] and "overlap" in rows["offload (FlexGen)"]
-    assert "8 layers from disk" in rows
+    for name in ("dense KV cache", "KIVI-2", "KIVI-4", "H2O 20%"):
+        assert "not merged yet" not in rows[name] and "x" in rows[name] and "%" in rows[name]
+    for name in ("sparse MLP (DejaVu)", "tree speculation", "offload (FlexGen)"):
+        assert rows[name].split() == name.split() + ["not", "merged", "yet"]
+    doc = {r["method"]: r for r in json.loads(path.read_text())["rows"]}
+    dense = doc["dense KV cache"]
+    assert dense["top1_agreement"] == 1.0 and dense["kl_vs_dense"] == 0.0 and dense["tokens_per_s"] > 0
+    for name in ("KIVI-2", "KIVI-4", "H2O 20%"):
+        assert doc[name]["kv_bytes"] < dense["kv_bytes"] and 0 < doc[name]["top1_agreement"] <= 1
+    assert doc["KIVI-2"]["kv_bytes"] < doc["KIVI-4"]["kv_bytes"]
+    assert doc["offload (FlexGen)"] == {"method": "offload (FlexGen)", "not_merged": True}
