@@ -83,11 +83,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from effx import models
 
     # Methods from branches not merged yet: accepted on the command line, refused plainly.
-    for flag, value, method in (("--sparsity", args.sparsity, "sparse MLP (DejaVu)"),
-                                ("--spec-draft", args.spec_draft, "tree speculation"),
-                                ("--offload", args.offload, "offload (FlexGen)")):
+    for flag, value, method in (("--spec-draft", args.spec_draft, "tree speculation"),):
         if value is not None:
             print(f"effx generate: {flag}: {models.MethodNotMerged(method)}", file=sys.stderr)
+            return 2
+    if args.sparsity is not None and not 0 <= args.sparsity < 1:
+        print(f"effx generate: --sparsity must be in [0, 1), got {args.sparsity}", file=sys.stderr)
+        return 2
+    policy = None
+    if args.offload is not None:
+        from effx.offload import Policy
+
+        try:
+            gpu, cpu = (float(x) for x in args.offload.split(","))
+            policy = Policy(weights_gpu=gpu, weights_cpu=cpu)
+        except ValueError as err:
+            print(f"effx generate: --offload takes GPU,CPU weight percentages (the disk holds the rest), e.g. "
+                  f"0,50: {err}", file=sys.stderr)
             return 2
     if args.kv != "h2o" and (args.heavy is not None or args.recent is not None):
         print("effx generate: --heavy and --recent apply to --kv h2o", file=sys.stderr)
@@ -107,14 +119,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         options = dict(heavy=0.1 if args.heavy is None else args.heavy,
                        recent=0.1 if args.recent is None else args.recent)
     stop = args.stop if args.stop is not None else list(model.config.eos_token_ids)
+    mlp = weights = None
+    if args.sparsity:
+        # Predictors are trained on the prompts themselves: fine for a try-out; calibrate on
+        # representative text (effx.models.sparse_mlps) for real use.
+        fitted = models.sparse_mlps(model, ids, density=1 - args.sparsity)
+        mlp = fitted.modules
+        print(f"# sparse MLP: density {1 - args.sparsity:.2f}, predictor recall "
+              f"{sum(fitted.recall) / len(fitted.recall):.3f} (mean over layers)")
+    if policy is not None:
+        weights = models.StreamedWeights(model, policy)
     try:
         result = models.generate(model, ids, max_new_tokens=args.max_new_tokens, cache=args.kv,
                                  cache_options=options, temperature=args.temperature, top_p=args.top_p,
                                  stop_tokens=stop, generator=torch.Generator(device).manual_seed(args.seed),
-                                 progress=sys.stderr.isatty())
+                                 mlp=mlp, weights=weights, progress=sys.stderr.isatty())
     except ValueError as err:
         print(f"effx generate: {err}", file=sys.stderr)
         return 1
+    finally:
+        if weights is not None:
+            weights.close()
     texts = [model.tokenizer.decode(t) for t in result.tokens]
     random_note = "; the text is meaningless" if args.model == "random" else ""
     print(f"# {model.name} on {device} ({str(model.dtype).replace('torch.', '')}), KV cache {args.kv}{random_note}")
@@ -130,6 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         doc = dict(effx_version=effx.__version__, model=model.name, random_weights=args.model == "random",
                    device=str(device), dtype=str(model.dtype).replace("torch.", ""), kv=args.kv, kv_options=options,
+                   sparsity=args.sparsity, offload=args.offload,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    max_new_tokens=args.max_new_tokens, prefill_s=result.prefill_seconds,
                    decode_s=result.decode_seconds, decode_tokens_per_s=result.decode_tokens_per_second,
@@ -177,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv", choices=["dense", "kivi2", "kivi4", "h2o"], default="dense", help="KV-cache policy")
     g.add_argument("--heavy", type=_budget, help="H2O heavy hitters: tokens or fraction of the prompt (0.1)")
     g.add_argument("--recent", type=_budget, help="H2O recent window: tokens or fraction of the prompt (0.1)")
-    g.add_argument("--sparsity", type=float, help="sparse MLP (DejaVu) sparsity (not merged yet)")
+    g.add_argument("--sparsity", type=float, help="sparse MLP (DejaVu): fraction of MLP neurons skipped, e.g. 0.5")
     g.add_argument("--spec-draft", metavar="DIR", help="draft model for tree speculation (not merged yet)")
-    g.add_argument("--offload", metavar="POLICY", help="serve weights through the offload engine (not merged yet)")
+    g.add_argument("--offload", metavar="GPU,CPU", help="serve weights through the offload engine: percent of "
+                                                         "weights on the GPU and on the CPU, the rest on disk")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     g.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")

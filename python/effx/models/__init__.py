@@ -14,7 +14,9 @@ from effx.models.generate import (CACHE_POLICIES, NOT_MERGED, GenerationResult, 
                                   make_cache, teacher_forced_logits)
 from effx.models.llama import CausalLM, LayerWeights
 from effx.models.loading import ByteTokenizer, HFTokenizer, from_pretrained, load_tokenizer, random_model
+from effx.models.methods import SparseMLPs, StreamedWeights, sparse_mlps
 
 __all__ = ["ModelConfig", "SUPPORTED_ARCHITECTURES", "CausalLM", "LayerWeights", "from_pretrained", "random_model",
            "load_tokenizer", "HFTokenizer", "ByteTokenizer", "generate", "GenerationResult", "make_cache",
-           "teacher_forced_logits", "MethodNotMerged", "NOT_MERGED", "CACHE_POLICIES"]
+           "teacher_forced_logits", "MethodNotMerged", "NOT_MERGED", "CACHE_POLICIES", "sparse_mlps", "SparseMLPs",
+           "StreamedWeights"]

@@ -4,10 +4,10 @@ A batch of prompts of different lengths is packed right-padded and prefilled in 
 the caches' per-row ``lengths``; each row's RoPE positions continue from its own cached length.
 Rows that stop early add nothing to the cache afterwards (``lengths`` 0 for them).
 
-Hook points for the methods merged from other branches, all arguments of :func:`generate`:
-``mlp`` (per-layer MLP replacements, e.g. a sparse MLP), ``weights`` (a provider with
-``layer(j)``, e.g. an offload engine) and ``draft`` (a draft model for tree speculative
-decoding, see :data:`NOT_MERGED`).
+Methods beyond the KV cache plug in as arguments of :func:`generate`: ``mlp`` (per-layer MLP
+replacements, e.g. :func:`effx.models.methods.sparse_mlps`), ``weights`` (a provider with
+``layer(j)``, e.g. :class:`effx.models.methods.StreamedWeights`) and ``draft`` (a draft model
+for tree speculative decoding, see :data:`NOT_MERGED`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CACHE_POLICIES = ("dense", "kivi2", "kivi4", "h2o")
 
 # Methods whose code lives on branches not merged yet: name -> branch. The runner and CLI
 # refuse them with MethodNotMerged, and the demo prints "not merged yet" for them.
-NOT_MERGED = {"sparse MLP (DejaVu)": "sparse", "tree speculation": "spec", "offload (FlexGen)": "offload"}
+NOT_MERGED = {"tree speculation": "spec"}
 
 
 class MethodNotMerged(RuntimeError):
