@@ -114,3 +114,31 @@ def _block_sparse_matmul_grad(ctx, grad_out):
 
 torch.library.register_autograd("effx::block_sparse_matmul", _block_sparse_matmul_grad,
                                 setup_context=_block_sparse_matmul_setup)
+
+
+# --- Tree speculative decoding (SPECS.md section 5): tokens [B, N], per-node rows [B, N + 1, ...].
+
+
+@torch.library.register_fake("effx::sampling_probs")
+def _sampling_probs_fake(logits, temperature, top_p):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+def _tree_result_fake(tokens):
+    b, n = tokens.shape
+    return tokens.new_empty(b, n), tokens.new_empty(b), tokens.new_empty(b)
+
+
+@torch.library.register_fake("effx::tree_verify_greedy")
+def _tree_verify_greedy_fake(tokens, parents, logits):
+    return _tree_result_fake(tokens)
+
+
+@torch.library.register_fake("effx::tree_verify_match")
+def _tree_verify_match_fake(tokens, parents, target_tokens):
+    return _tree_result_fake(tokens)
+
+
+@torch.library.register_fake("effx::tree_verify_sample")
+def _tree_verify_sample_fake(tokens, parents, target_probs, draft_probs, uniforms):
+    return _tree_result_fake(tokens)
