@@ -16,7 +16,7 @@ from effx import kv, ops
 from effx.bench.harness import median_time
 
 # Methods of the model runner that have not landed yet; each row says so plainly.
-_PENDING = ["sparse MLP (DejaVu)", "tree speculation", "offload (FlexGen)"]
+_PENDING = ["sparse MLP (DejaVu)", "offload (FlexGen)"]
 
 BATCH, KV_HEADS, Q_HEADS, HEAD_DIM, PROMPT, STEPS = 1, 8, 32, 128, 1024, 64
 
@@ -98,6 +98,13 @@ def run_demo(device: torch.device) -> int:
 
     print(f"{'structured layer':<26} {'bytes':>11} {'vs dense':>8} {'rel. error':>11} {'ms':>9} {'dense ms':>11}")
     print(monarch_demo_row(device))
+    print()
+    from effx.spec import spec_demo_rows
+
+    print("tree speculation: random 8-layer model (dim 512, vocab 2048), draft = its first layer; greedy, 48 tokens")
+    print(f"{'method':<26} {'tok/step':>10} {'tok/s':>10} {'speedup':>9} {'= greedy':>9}")
+    for row in spec_demo_rows(device):
+        print(row)
     print()
     for name in _PENDING:
         print(f"{name:<26} not built yet")

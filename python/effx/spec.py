@@ -221,8 +221,8 @@ def _draw_without_replacement(q: torch.Tensor, k: int, generator) -> torch.Tenso
 
 @dataclasses.dataclass
 class SequoiaTree:
-    """A tree shape: ``parents`` (list, SPECS.md convention; in breadth-first order, siblings in
-    draw order), ``expected_tokens`` (accepted tokens plus the bonus one per verification under
+    """A tree shape: ``parents`` (list, SPECS.md convention; siblings in index order are in draw
+    order), ``expected_tokens`` (accepted tokens plus the bonus one per verification under
     the acceptance vector), ``depth`` and, from :func:`choose_tree`, ``time_per_token``."""
 
     parents: list[int]
@@ -237,7 +237,13 @@ class SequoiaTree:
 
 class _SequoiaDP:
     """f[d, n]: best expected tokens of a tree of at most n nodes counting its root, at most d
-    levels including the root's; the root's k-th child is reached with probability p[k]."""
+    levels including the root's; the root's k-th child is reached with probability p[k].
+
+    When p is non-increasing, a node is never more likely to be reached than its parent or its
+    earlier sibling, so the n most reachable nodes (depth <= d - 1) already form a tree and are
+    optimal: a best-first search gives every size at once. Otherwise a dynamic program over
+    (nodes, depth, child rank) with vectorized max-plus steps.
+    """
 
     def __init__(self, accept_probs, max_nodes: int, max_depth: int, where: str):
         p = torch.as_tensor(accept_probs, dtype=torch.float64).flatten()
@@ -249,30 +255,67 @@ class _SequoiaDP:
         m, levels = max_nodes + 1, max_depth + 1
         k_max = min(p.numel(), max_nodes)
         self.p, self.m, self.levels, self.k_max = p[:k_max], m, levels, k_max
+        self.orders: dict[int, list[int]] = {}
+        if bool((self.p[1:] <= self.p[:-1]).all()):
+            self._best_first()
+            return
         sizes = torch.arange(m + 1)
-        j = sizes[None, :]  # nodes given to the child
-        rest = sizes[:, None] - j  # nodes left for later children
-        valid = (j >= 1) & (rest >= 0)
-        rest = rest.clamp(min=0)
         f = torch.zeros(levels + 1, m + 1, dtype=torch.float64)
         f[1, 1:] = 1.0
         # choice[d, k, n]: nodes of the k-th child's subtree when n nodes remain for children k...
         self.choice = torch.zeros(levels + 1, k_max, m + 1, dtype=torch.int32)
         neg = torch.tensor(-math.inf, dtype=torch.float64)
+        self.last = 1
         for d in range(2, levels + 1):
             g = torch.zeros(m + 1, dtype=torch.float64)
             for k in range(k_max - 1, -1, -1):
-                cand = torch.where(valid, self.p[k] * f[d - 1][None, :] + g[rest], neg)
+                j = sizes[None, 1:]  # nodes given to the child
+                rest = sizes[:, None] - j  # nodes left for later children
+                cand = torch.where(rest >= 0, self.p[k] * f[d - 1, 1:][None, :] + g[rest.clamp(min=0)], neg)
                 best, arg = cand.max(1)
                 take = best > 0  # without a k-th child there is no later one: worth 0
-                self.choice[d, k] = torch.where(take, arg, torch.zeros_like(arg)).to(torch.int32)
+                self.choice[d, k] = torch.where(take, arg + 1, torch.zeros_like(arg)).to(torch.int32)
                 g = torch.where(take, best, torch.zeros_like(best))
             f[d, 1:] = 1.0 + g[:-1]
+            self.last = d
+            if torch.equal(f[d], f[d - 1]):
+                # Deeper trees no longer help at any size: every later level repeats this one.
+                f[d + 1:] = f[d]
+                break
         self.f = f
 
+    def _best_first(self) -> None:
+        """Per depth limit, nodes in order of reach (parents and earlier siblings first)."""
+        p = self.p.tolist()
+        f = torch.zeros(self.levels + 1, self.m + 1, dtype=torch.float64)
+        f[1, 1:] = 1.0
+        for d in range(2, self.levels + 1):
+            parents, reach, heap, seq = [], [], [(-p[0], 0, -1, 0, 1)], 1
+            while heap and len(parents) < self.m - 1:
+                neg, _, par, rank, depth = heapq.heappop(heap)
+                if neg == 0:
+                    break  # unreachable nodes add nothing
+                parents.append(par)
+                reach.append(-neg)
+                base = 1.0 if par < 0 else reach[par]
+                if rank + 1 < self.k_max:  # the next sibling becomes a candidate
+                    heapq.heappush(heap, (-base * p[rank + 1], seq, par, rank + 1, depth))
+                    seq += 1
+                if depth < d - 1:  # and the first child
+                    heapq.heappush(heap, (neg * p[0], seq, len(parents) - 1, 0, depth + 1))
+                    seq += 1
+            gain = torch.tensor(reach, dtype=torch.float64).cumsum(0)
+            f[d, 2:2 + len(gain)] = 1.0 + gain
+            f[d, 2 + len(gain):] = 1.0 + (gain[-1] if len(gain) else 0.0)
+            self.orders[d] = parents
+        self.f = f
+        self.last = self.levels
+
     def build(self, n: int, d: int) -> list[int]:
-        """Parents (root excluded, breadth-first) of the best tree with n nodes counting the
-        root and d levels."""
+        """Parents (root excluded) of the best tree with n nodes counting the root and d levels;
+        siblings in index order are in draw order."""
+        if self.orders:
+            return self.orders[d][:n - 1] if d >= 2 else []
         parents: list[int] = []
         queue = [(-1, n, d)]
         choice = self.choice.tolist()
@@ -280,7 +323,7 @@ class _SequoiaDP:
             node, size, depth = queue.pop(0)
             left = size - 1
             for k in range(self.k_max):
-                take = choice[depth][k][left] if left > 0 and depth >= 2 else 0
+                take = choice[min(depth, self.last)][k][left] if left > 0 and depth >= 2 else 0
                 if take == 0:
                     break
                 parents.append(node)
@@ -300,7 +343,9 @@ def sequoia_tree(accept_probs, max_nodes: int, max_depth: int) -> SequoiaTree:
 
     Returns:
         :class:`SequoiaTree`; the k-th child of a node in index order is the k-th draw.
-        A vectorized dynamic program: O(max_depth * len(p)) tensor steps of size max_nodes^2.
+        For a non-increasing p (the usual case) a best-first search is exact and takes
+        milliseconds; otherwise a vectorized dynamic program (O(max_depth * len(p)) tensor
+        steps of size max_nodes^2, stopping at the depth beyond which nothing improves).
     """
     dp = _SequoiaDP(accept_probs, max_nodes, max_depth, "sequoia_tree")
     parents = dp.build(dp.m, dp.levels)

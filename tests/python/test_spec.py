@@ -318,11 +318,16 @@ def test_bad_op_inputs():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_sequoia_dp_matches_brute_force(seed):
+@pytest.mark.parametrize("order", ["any", "non-increasing"])  # the DP, and the best-first search
+def test_sequoia_dp_matches_brute_force(seed, order):
     g = torch.Generator().manual_seed(seed)
     k = 3
     p = torch.rand(k + 1, generator=g)
     p = (p[:k] / p.sum()).tolist()  # sums below 1: sometimes no child is accepted
+    if order == "non-increasing":
+        p = sorted(p, reverse=True)
+    elif p == sorted(p, reverse=True):
+        p = p[::-1]
     for max_nodes, max_depth in ((1, 1), (3, 2), (5, 3), (6, 2), (7, 4)):
         t = spec.sequoia_tree(p, max_nodes, max_depth)
         assert len(t.parents) <= max_nodes and (not t.parents or t.depth <= max_depth)

@@ -4,13 +4,14 @@ Every suite returns :class:`effx.bench.harness.Record` rows measured against the
 own roofs (copy bandwidth, matmul rate) and against the plain-PyTorch way of doing the same.
 """
 
-from effx.bench import h2o, kivi, monarch, quant
+from effx.bench import h2o, kivi, monarch, quant, tree
 
 SUITES = {
     "quant": quant.run,
     "kivi": kivi.run,
     "h2o": h2o.run,
     "monarch": monarch.run,
+    "tree": tree.run,
 }
 
 __all__ = ["SUITES"]
