@@ -102,8 +102,10 @@ AttentionCall prepare_attention(const char* op, const at::Tensor& q_in, const at
       const int64_t added = nl ? nl[b] : Tq;
       EFFX_CHECK(nl == nullptr || (added >= 0 && added <= Tq), op, "new_lengths[", b,
                  "] must be in [0, ", Tq, "], got ", added);
-      EFFX_CHECK(len[b] >= 0 && len[b] + added <= capacity, op, "lengths[", b, "] + new tokens (",
-                 len[b], " + ", added, ") must not exceed the cache capacity (", capacity, ")");
+      // New tokens are read from k_new / v_new, not from the cache: only the cached tokens must
+      // fit (callers that store the new tokens afterwards check their own capacity).
+      EFFX_CHECK(len[b] >= 0 && len[b] <= capacity, op, "lengths[", b, "] (", len[b],
+                 ") must not exceed the cache capacity (", capacity, ")");
     }
     if (c.parents.defined()) {
       const int64_t* par = c.parents.const_data_ptr<int64_t>();

@@ -20,7 +20,7 @@ struct AttentionCall {
 
 // Checks q [B, Hq, Tq, D], k_new / v_new [B, Hkv, Tq, D], lengths [B] (int64), optional
 // new_lengths [B] and parents [Tq] or [B, Tq] (int64, parents[i] in [-1, i)); allocates out
-// and lse. `capacity` bounds lengths + new tokens when the lengths are readable on the host.
+// and lse. `capacity` bounds lengths when they are readable on the host.
 AttentionCall prepare_attention(const char* op, const at::Tensor& q, const at::Tensor& k_new,
                                 const at::Tensor& v_new, const at::Tensor& lengths,
                                 const std::optional<at::Tensor>& new_lengths,

@@ -9,6 +9,15 @@ namespace ops {
 void attach_scores(const char* op, AttentionCall& c, const at::Tensor& scores, int64_t capacity) {
   const AttentionArgs& a = c.args;
   check_storage(op, "scores", scores, {a.batch, a.kv_heads, capacity}, at::kFloat, c.q);
+  // The kernel writes the new tokens' scores after the cached ones: both must fit.
+  if (c.q.device().is_cpu()) {
+    const int64_t* nl = c.new_lengths.defined() ? c.new_lengths.const_data_ptr<int64_t>() : nullptr;
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const int64_t n = a.lengths[b * a.lengths_stride], added = nl ? nl[b] : a.q_len;
+      EFFX_CHECK(n + added <= capacity, op, "lengths[", b, "] + new tokens (", n, " + ", added,
+                 ") must not exceed the cache capacity (", capacity, ")");
+    }
+  }
   c.args.scores = scores.data_ptr<float>();
   c.args.scores_sb = scores.stride(0);
   c.args.scores_sh = scores.stride(1);

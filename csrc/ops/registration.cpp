@@ -41,6 +41,20 @@ TORCH_LIBRARY(effx, m) {
       "Tensor(g!) k_res, Tensor(h!) v_res, Tensor(i!) state, Tensor? new_lengths, int bits, "
       "int group_size) -> ()");
 
+  // Tree speculative decoding (SPECS.md section 5; layout in include/effx/spec.h): tokens
+  // [B, N], parents [N] or [B, N], per-node rows [B, N + 1, ...] (row 0 at the root). Each
+  // verification returns (accepted [B, N] node indices then -1, num_accepted [B], bonus [B]).
+  m.def("sampling_probs(Tensor logits, float temperature, float top_p) -> Tensor");
+  m.def(
+      "tree_verify_greedy(Tensor tokens, Tensor parents, Tensor logits) "
+      "-> (Tensor accepted, Tensor num_accepted, Tensor bonus)");
+  m.def(
+      "tree_verify_match(Tensor tokens, Tensor parents, Tensor target_tokens) "
+      "-> (Tensor accepted, Tensor num_accepted, Tensor bonus)");
+  m.def(
+      "tree_verify_sample(Tensor tokens, Tensor parents, Tensor target_probs, Tensor draft_probs, "
+      "Tensor uniforms) -> (Tensor accepted, Tensor num_accepted, Tensor bonus)");
+
   // Monarch structured matrices (SPECS.md section 6): x [..., k*p], w1 (k, q, p), w2 (l, s, r).
   m.def("monarch_matmul(Tensor x, Tensor w1, Tensor w2) -> Tensor");
   m.def(

@@ -134,3 +134,31 @@ def _sparse_mlp_down_fake(h, w_down_t, idx, b_down=None, rows_per_index=1, check
 def _sparse_mlp_fake(x, w_up, w_down_t, idx, activation="relu", w_gate=None, b_up=None, b_down=None,
                      b_gate=None, check_indices=True):
     return x.new_empty((x.shape[0], w_down_t.shape[1]))
+
+
+# --- Tree speculative decoding (SPECS.md section 5): tokens [B, N], per-node rows [B, N + 1, ...].
+
+
+@torch.library.register_fake("effx::sampling_probs")
+def _sampling_probs_fake(logits, temperature, top_p):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+def _tree_result_fake(tokens):
+    b, n = tokens.shape
+    return tokens.new_empty(b, n), tokens.new_empty(b), tokens.new_empty(b)
+
+
+@torch.library.register_fake("effx::tree_verify_greedy")
+def _tree_verify_greedy_fake(tokens, parents, logits):
+    return _tree_result_fake(tokens)
+
+
+@torch.library.register_fake("effx::tree_verify_match")
+def _tree_verify_match_fake(tokens, parents, target_tokens):
+    return _tree_result_fake(tokens)
+
+
+@torch.library.register_fake("effx::tree_verify_sample")
+def _tree_verify_sample_fake(tokens, parents, target_probs, draft_probs, uniforms):
+    return _tree_result_fake(tokens)

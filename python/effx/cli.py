@@ -82,11 +82,6 @@ def _load_model(name: str, dtype: str, device: torch.device):
 def cmd_generate(args: argparse.Namespace) -> int:
     from effx import models
 
-    # Methods from branches not merged yet: accepted on the command line, refused plainly.
-    for flag, value, method in (("--spec-draft", args.spec_draft, "tree speculation"),):
-        if value is not None:
-            print(f"effx generate: {flag}: {models.MethodNotMerged(method)}", file=sys.stderr)
-            return 2
     if args.sparsity is not None and not 0 <= args.sparsity < 1:
         print(f"effx generate: --sparsity must be in [0, 1), got {args.sparsity}", file=sys.stderr)
         return 2
@@ -119,7 +114,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         options = dict(heavy=0.1 if args.heavy is None else args.heavy,
                        recent=0.1 if args.recent is None else args.recent)
     stop = args.stop if args.stop is not None else list(model.config.eos_token_ids)
-    mlp = weights = None
+    mlp = weights = draft = None
+    if args.spec_draft is not None:
+        try:
+            if args.spec_draft.startswith("first:"):
+                draft = models.early_exit_draft(model, int(args.spec_draft.split(":", 1)[1]))
+            else:
+                draft = _load_model(args.spec_draft, args.dtype, device)
+        except ValueError as err:
+            print(f"effx generate: --spec-draft: {err}", file=sys.stderr)
+            return 1
     if args.sparsity:
         # Predictors are trained on the prompts themselves: fine for a try-out; calibrate on
         # representative text (effx.models.sparse_mlps) for real use.
@@ -133,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = models.generate(model, ids, max_new_tokens=args.max_new_tokens, cache=args.kv,
                                  cache_options=options, temperature=args.temperature, top_p=args.top_p,
                                  stop_tokens=stop, generator=torch.Generator(device).manual_seed(args.seed),
-                                 mlp=mlp, weights=weights, progress=sys.stderr.isatty())
+                                 mlp=mlp, weights=weights, draft=draft, progress=sys.stderr.isatty())
     except ValueError as err:
         print(f"effx generate: {err}", file=sys.stderr)
         return 1
@@ -204,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--heavy", type=_budget, help="H2O heavy hitters: tokens or fraction of the prompt (0.1)")
     g.add_argument("--recent", type=_budget, help="H2O recent window: tokens or fraction of the prompt (0.1)")
     g.add_argument("--sparsity", type=float, help="sparse MLP (DejaVu): fraction of MLP neurons skipped, e.g. 0.5")
-    g.add_argument("--spec-draft", metavar="DIR", help="draft model for tree speculation (not merged yet)")
+    g.add_argument("--spec-draft", metavar="DIR", help="draft model for tree speculation (a chain of 4 per step): a "
+                                                     "checkpoint folder, or first:N for the model's first N layers")
     g.add_argument("--offload", metavar="GPU,CPU", help="serve weights through the offload engine: percent of "
                                                          "weights on the GPU and on the CPU, the rest on disk")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ["quantize", "dequantize", "monarch_matmul", "monarch_matmul_backward",
-           "block_sparse_matmul", "block_sparse_matmul_backward", "sparse_mlp_up", "sparse_mlp_down", "sparse_mlp"]
+           "block_sparse_matmul", "block_sparse_matmul_backward", "sparse_mlp_up", "sparse_mlp_down", "sparse_mlp",
+           "sampling_probs", "tree_verify_greedy", "tree_verify_match", "tree_verify_sample"]
 
 
 def quantize(x: torch.Tensor, bits: int = 2, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,3 +194,61 @@ def sparse_mlp(
     """:func:`sparse_mlp_up` then :func:`sparse_mlp_down` in one operator call: ``[B, d]``."""
     return torch.ops.effx.sparse_mlp(x, w_up, w_down_t, idx, activation, w_gate, b_up, b_down, b_gate,
                                      check_indices)
+
+
+# --- Tree speculative decoding (SPECS.md section 5; layout in include/effx/spec.h) ---------------
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """The sampling distribution of ``logits`` [..., V]: ``softmax(logits / temperature)``
+    restricted to the top-p nucleus (every token whose probability is at least the largest
+    threshold that keeps mass >= ``top_p``; ties at the threshold kept), renormalized. fp32 out.
+    """
+    return torch.ops.effx.sampling_probs(logits, temperature, top_p)
+
+
+def tree_verify_greedy(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy verification of a token tree.
+
+    Args:
+        tokens: int64 [B, N], node i's token (negative: an empty node, never accepted).
+        parents: int64 [N] or [B, N], ``parents[i] < i``, -1 for children of the root.
+        logits: target logits [B, N + 1, V] (row 0 at the root, row i + 1 at node i).
+
+    Returns:
+        ``(accepted [B, N], num_accepted [B], bonus [B])``: from the root, the first child whose
+        token is the target's argmax is accepted, repeatedly; ``accepted`` lists the path's node
+        indices then -1; ``bonus`` is the argmax at the path's end.
+    """
+    return torch.ops.effx.tree_verify_greedy(tokens, parents, logits)
+
+
+def tree_verify_match(tokens: torch.Tensor, parents: torch.Tensor, target_tokens: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SpecExec verification: ``target_tokens`` [B, N + 1] holds the token the target sampled at
+    the root (entry 0) and at each node (entry i + 1); the accepted path follows children whose
+    token equals their parent's sample; ``bonus`` is the sample at the path's end. Other
+    arguments and results as :func:`tree_verify_greedy`."""
+    return torch.ops.effx.tree_verify_match(tokens, parents, target_tokens)
+
+
+def tree_verify_sample(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor,
+                       draft_probs: torch.Tensor, uniforms: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact stochastic verification of a tree whose children were drawn from the draft without
+    replacement (SPECS.md section 5).
+
+    Args:
+        tokens, parents: as :func:`tree_verify_greedy`.
+        target_probs, draft_probs: fp32 [B, N + 1, V], the target's distribution p and the
+            draft's distribution q (the one the node's children were drawn from) per node.
+        uniforms: fp32 [B, N + 1] in [0, 1): entry j + 1 decides node j's acceptance
+            (``u * q(x) < p(x)``), entry 0 draws the bonus token.
+
+    Returns:
+        As :func:`tree_verify_greedy`. On a rejection ``p <- normalize(max(p - q, 0))`` (the
+        original p when that is all zero) and the child's token leaves q; the bonus token is
+        drawn from p at the path's end (the residual when its children were all rejected).
+    """
+    return torch.ops.effx.tree_verify_sample(tokens, parents, target_probs, draft_probs, uniforms)

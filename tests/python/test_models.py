@@ -323,9 +323,30 @@ def test_token_tree_forward_and_commit(tiny):
     assert rel_error(after, tiny(torch.tensor([prompt + [a, b, d, e]]))[0, -1]) < 1e-5
 
 
-def test_unmerged_methods_say_so(tiny):
-    with pytest.raises(models.MethodNotMerged, match="tree speculation is not merged yet"):
-        models.generate(tiny, [[1, 2, 3]], draft=tiny)
+def test_tree_speculation_equals_greedy(tiny):
+    prompts = [[5, 9, 2, 7, 1], [3, 3, 8, 6, 4]]
+    plain = models.generate(tiny, prompts, max_new_tokens=12)
+    for tree in ([-1, 0, 1, 2], [-1, -1, 0, 0, 1]):
+        spec = models.generate(tiny, prompts, max_new_tokens=12, draft=models.early_exit_draft(tiny, 1), tree=tree)
+        assert spec.tokens == plain.tokens and spec.accepted_per_step >= 1
+    with pytest.raises(ValueError, match="tree speculation needs prompts of equal length"):
+        models.generate(tiny, [[1, 2, 3], [4, 5]], draft=models.early_exit_draft(tiny, 1))
+    with pytest.raises(ValueError, match=r"num_layers must be in \[1, "):
+        models.early_exit_draft(tiny, 0)
+
+
+def test_sparse_mlp_and_streamed_weights_plug_in(tiny):
+    from effx.offload import Policy
+
+    prompts = [[5, 9, 2, 7, 1, 4, 4, 2], [3, 3, 8]]
+    plain = models.generate(tiny, prompts, max_new_tokens=6)
+    full = models.sparse_mlps(tiny, prompts, density=1.0, epochs=2)  # density 1 computes every neuron
+    assert models.generate(tiny, prompts, max_new_tokens=6, mlp=full.modules).tokens == plain.tokens
+    half = models.sparse_mlps(tiny, prompts, density=0.5, epochs=2)
+    assert len(half.modules) == tiny.config.num_layers and all(0 <= r <= 1 for r in half.recall)
+    assert len(models.generate(tiny, prompts, max_new_tokens=6, mlp=half.modules).tokens[0]) == 6
+    with models.StreamedWeights(tiny, Policy(weights_gpu=0, weights_cpu=50)) as streamed:
+        assert models.generate(tiny, prompts, max_new_tokens=6, weights=streamed).tokens == plain.tokens
 
 
 def test_generation_bad_inputs(tiny):
@@ -480,12 +501,21 @@ def test_cli_generate_random_model_h2o():
     assert doc["outputs"][0]["prompt_tokens"] == 12 and len(doc["outputs"][0]["tokens"]) <= 4
 
 
-@pytest.mark.parametrize("flag,value,method", [("--sparsity", "0.5", "sparse MLP (DejaVu)"),
-                                               ("--spec-draft", "somewhere", "tree speculation"),
-                                               ("--offload", "cpu", "offload (FlexGen)")])
-def test_cli_unmerged_flags_say_so(flag, value, method):
-    out = effx_cli("generate", "--model", "random", "--prompt", "x", flag, value)
-    assert out.returncode == 2 and f"{flag}: {method} is not merged yet" in out.stderr
+@pytest.mark.parametrize("flags,says", [(["--sparsity", "0.5"], "# sparse MLP: density 0.50"),
+                                        (["--spec-draft", "first:1"], "decode"),
+                                        (["--offload", "0,50"], "decode")])
+def test_cli_methods(flags, says):
+    out = effx_cli("generate", "--model", "random", "--prompt", "hello there", "--max-new-tokens", "4", *flags)
+    assert out.returncode == 0, out.stderr
+    assert says in out.stdout
+
+
+@pytest.mark.parametrize("flags,error", [(["--sparsity", "1.5"], "--sparsity must be in [0, 1), got 1.5"),
+                                         (["--offload", "cpu"], "--offload takes GPU,CPU weight percentages"),
+                                         (["--offload", "80,40"], "effx.offload")])
+def test_cli_bad_method_flags(flags, error):
+    out = effx_cli("generate", "--model", "random", "--prompt", "x", *flags)
+    assert out.returncode == 2 and error in out.stderr
 
 
 def test_cli_bad_flags_and_models(tmp_path):
@@ -512,6 +542,6 @@ def test_demo_runner_table_on_a_checkpoint(checkpoint, tmp_path, capsys):
     rows = {r["method"]: r for r in doc["rows"]}
     assert rows["dense KV cache"]["top1_agreement"] == 1.0 and rows["dense KV cache"]["kl_vs_dense"] == 0.0
     assert rows["KIVI-2"]["kv_bytes"] < rows["dense KV cache"]["kv_bytes"]
-    assert rows["tree speculation"] == {"method": "tree speculation", "not_merged": True}
+    assert rows["tree speculation"]["top1_agreement"] == 1.0 and rows["offload 50% host/50% disk"]["top1_agreement"] == 1.0
     lines = text.splitlines()
     assert all(any(line.startswith(name) for line in lines) for name in rows)

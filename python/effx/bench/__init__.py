@@ -4,7 +4,7 @@ Every suite returns :class:`effx.bench.harness.Record` rows measured against the
 own roofs (copy bandwidth, matmul rate) and against the plain-PyTorch way of doing the same.
 """
 
-from effx.bench import h2o, kivi, monarch, offload, quant, sparse
+from effx.bench import h2o, kivi, monarch, offload, quant, sparse, tree
 
 SUITES = {
     "quant": quant.run,
@@ -13,6 +13,7 @@ SUITES = {
     "monarch": monarch.run,
     "sparse": sparse.run,
     "offload": offload.run,
+    "tree": tree.run,
 }
 
 __all__ = ["SUITES"]

@@ -10,13 +10,13 @@ generation and teacher-forced scoring.
 """
 
 from effx.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
-from effx.models.generate import (CACHE_POLICIES, NOT_MERGED, GenerationResult, MethodNotMerged, generate,
+from effx.models.generate import (CACHE_POLICIES, GenerationResult, generate,
                                   make_cache, teacher_forced_logits)
 from effx.models.llama import CausalLM, LayerWeights
 from effx.models.loading import ByteTokenizer, HFTokenizer, from_pretrained, load_tokenizer, random_model
-from effx.models.methods import SparseMLPs, StreamedWeights, sparse_mlps
+from effx.models.methods import SparseMLPs, StreamedWeights, early_exit_draft, sparse_mlps
 
 __all__ = ["ModelConfig", "SUPPORTED_ARCHITECTURES", "CausalLM", "LayerWeights", "from_pretrained", "random_model",
            "load_tokenizer", "HFTokenizer", "ByteTokenizer", "generate", "GenerationResult", "make_cache",
-           "teacher_forced_logits", "MethodNotMerged", "NOT_MERGED", "CACHE_POLICIES", "sparse_mlps", "SparseMLPs",
-           "StreamedWeights"]
+           "teacher_forced_logits", "CACHE_POLICIES", "sparse_mlps", "SparseMLPs",
+           "StreamedWeights", "early_exit_draft"]

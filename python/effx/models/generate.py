@@ -7,7 +7,7 @@ Rows that stop early add nothing to the cache afterwards (``lengths`` 0 for them
 Methods beyond the KV cache plug in as arguments of :func:`generate`: ``mlp`` (per-layer MLP
 replacements, e.g. :func:`effx.models.methods.sparse_mlps`), ``weights`` (a provider with
 ``layer(j)``, e.g. :class:`effx.models.methods.StreamedWeights`) and ``draft`` (a draft model
-for tree speculative decoding, see :data:`NOT_MERGED`).
+for tree speculative decoding through :func:`effx.spec.generate`).
 """
 
 from __future__ import annotations
@@ -22,22 +22,9 @@ from tqdm.auto import tqdm
 from effx import kv
 from effx.models.llama import CausalLM, LayerWeights
 
-__all__ = ["generate", "GenerationResult", "make_cache", "teacher_forced_logits", "MethodNotMerged",
-           "NOT_MERGED", "CACHE_POLICIES"]
+__all__ = ["generate", "GenerationResult", "make_cache", "teacher_forced_logits", "CACHE_POLICIES"]
 
 CACHE_POLICIES = ("dense", "kivi2", "kivi4", "h2o")
-
-# Methods whose code lives on branches not merged yet: name -> branch. The runner and CLI
-# refuse them with MethodNotMerged, and the demo prints "not merged yet" for them.
-NOT_MERGED = {"tree speculation": "spec"}
-
-
-class MethodNotMerged(RuntimeError):
-    """A method whose implementation has not been merged into effx yet."""
-
-    def __init__(self, method: str):
-        super().__init__(f"{method} is not merged yet (it is being built on the '{NOT_MERGED[method]}' branch)")
-        self.method = method
 
 
 def _fail(message: str) -> None:
@@ -82,6 +69,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     cache: kv.KVCache
+    accepted_per_step: float | None = None  # tree speculation: tokens emitted per target call
 
     @property
     def new_tokens(self) -> int:
@@ -173,7 +161,7 @@ def generate(model: CausalLM, prompts, *, max_new_tokens: int = 32, cache: str |
              attention_mask: torch.Tensor | None = None,
              mlp: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
              weights: LayerWeights | None = None, draft: CausalLM | None = None,
-             progress: bool = False) -> GenerationResult:
+             tree: Sequence[int] | None = None, progress: bool = False) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens for each prompt.
 
     prompts: a list of token-id lists (any lengths), or a [B, T] tensor with an optional
@@ -184,15 +172,19 @@ def generate(model: CausalLM, prompts, *, max_new_tokens: int = 32, cache: str |
     stop_tokens: ids that end a row (the stop token is kept in its output).
     mlp, weights: forwarded to :meth:`CausalLM.forward` (per-layer MLP modules; a provider of
         layer weights with ``layer(j)``).
-    draft: a draft model for tree speculative decoding.
+    draft: a draft model for tree speculative decoding (:func:`effx.spec.generate`): each step
+        it proposes ``tree`` (a parent array or :class:`effx.spec.SequoiaTree`; default a chain
+        of 4) and the target verifies it in one forward pass; greedy output equals plain greedy
+        decoding, sampling keeps the target's distribution. Prompts must have equal lengths.
     progress: a tqdm bar over the decode steps.
     """
-    if draft is not None:
-        raise MethodNotMerged("tree speculation")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         _fail(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if temperature < 0 or not 0 < top_p <= 1:
         _fail(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+    if draft is not None:
+        return _speculative(model, draft, prompts, max_new_tokens, cache, cache_options, temperature, top_p,
+                            stop_tokens, generator, tree, mlp, weights)
     ids, lengths, ragged, cache = _prepare(model, prompts, attention_mask, cache, max_new_tokens, cache_options)
     run = dict(cache=cache, mlp=mlp, weights=weights)
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.int64)
@@ -224,6 +216,40 @@ def generate(model: CausalLM, prompts, *, max_new_tokens: int = 32, cache: str |
     bar.close()
     reasons = ["stop" if t and t[-1] in stop.tolist() else "length" for t in out]
     return GenerationResult(out, reasons, lengths, prefill_seconds, time.perf_counter() - start, cache)
+
+
+def _speculative(model, draft, prompts, max_new_tokens, cache, cache_options, temperature, top_p, stop_tokens,
+                 generator, tree, mlp, weights) -> GenerationResult:
+    from effx import spec
+
+    shape = list(tree.parents if isinstance(tree, spec.SequoiaTree) else (tree or [-1, 0, 1, 2]))
+    # The loop runs until the slowest row has max_new_tokens: a faster row may gain a whole
+    # path (up to the tree size + 1) every step, and each step attends over a tree.
+    room = (len(shape) + 1) * (max_new_tokens + 1)
+    ids, lengths, ragged, cache = _prepare(model, prompts, None, cache, room, cache_options)
+    if ragged is not None:
+        _fail("tree speculation needs prompts of equal length (the speculative loop has no ragged prefill)")
+
+    def through(m, **run):
+        def call(tokens, c, positions, parents=None, lengths=None):
+            return m(tokens, cache=c, positions=positions, parents=parents, lengths=lengths, **run)
+        return call
+
+    draft_cache = draft.new_cache(len(lengths), lengths[0] + room)
+    start = time.perf_counter()
+    gen = spec.generate(through(model, mlp=mlp, weights=weights), through(draft), ids.to(model.device),
+                        max_new_tokens, target_cache=cache, draft_cache=draft_cache, tree=shape,
+                        mode="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0,
+                        top_p=top_p, generator=generator)
+    seconds = time.perf_counter() - start
+    stop = set(stop_tokens)
+    tokens, reasons = [], []
+    for row in gen.tokens:
+        row = row[:max_new_tokens]
+        end = next((i for i, t in enumerate(row) if t in stop), None)
+        tokens.append(row if end is None else row[:end + 1])
+        reasons.append("length" if end is None else "stop")
+    return GenerationResult(tokens, reasons, lengths, 0.0, seconds, cache, gen.mean_accepted)
 
 
 def teacher_forced_logits(model: CausalLM, prompts, forced: torch.Tensor, *, cache: str | kv.KVCache = "dense",

@@ -12,7 +12,24 @@ import torch
 from effx import offload, sparse
 from effx.models.llama import CausalLM
 
-__all__ = ["SparseMLPs", "sparse_mlps", "StreamedWeights"]
+__all__ = ["SparseMLPs", "sparse_mlps", "StreamedWeights", "early_exit_draft"]
+
+
+def early_exit_draft(model: CausalLM, num_layers: int) -> CausalLM:
+    """A draft for tree speculation that shares the model's embeddings, first ``num_layers``
+    decoder layers, final norm and head (no extra weights; cheap and often agreeing)."""
+    if not 1 <= num_layers <= model.config.num_layers:
+        raise ValueError(f"effx.models.early_exit_draft: num_layers must be in [1, {model.config.num_layers}], "
+                         f"got {num_layers}")
+    draft = CausalLM(dataclasses.replace(model.config, num_layers=0))
+    draft.model.embed_tokens = model.model.embed_tokens
+    draft.model.layers = torch.nn.ModuleList(model.model.layers[:num_layers])
+    draft.model.norm = model.model.norm
+    draft.lm_head = model.lm_head
+    draft.config = dataclasses.replace(model.config, num_layers=num_layers)
+    draft.rotary = model.rotary
+    draft.name = f"{model.name} (first {num_layers} layers)"
+    return draft
 
 
 @dataclasses.dataclass
