@@ -8,17 +8,7 @@ import torch
 
 from effx import kv
 from effx.bench.harness import Record, measure_roofs, median_time
-from effx.bench.kivi import D, HKV, HQ
-
-
-def _cases(device: torch.device, quick: bool):
-    if device.type == "cuda":
-        batches, lengths = ((1, 8), (1024, 8192)) if quick else ((1, 8, 32), (1024, 8192, 32768))
-    else:
-        batches, lengths = ((1,), (1024,)) if quick else ((1, 8), (1024, 8192))
-    for b in batches:
-        for t in lengths:
-            yield b, t
+from effx.bench.kivi import D, HKV, HQ, decode_cases
 
 
 def run(device: torch.device, quick: bool = False) -> list[Record]:
@@ -27,7 +17,7 @@ def run(device: torch.device, quick: bool = False) -> list[Record]:
     name = str(dtype).replace("torch.", "")
     runs = 30 if device.type == "cuda" else 10
     records = []
-    for b, t in _cases(device, quick):
+    for b, t in decode_cases(device, quick):
         torch.manual_seed(0)
         shape = {"B": b, "T": t, "Hkv": HKV, "Hq": HQ, "D": D}
         k = torch.randn(b, HKV, t, D, device=device, dtype=dtype)

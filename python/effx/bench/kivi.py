@@ -36,7 +36,8 @@ def torch_dequantize_then_attend(q, cache: kv.KIVICache, n: int):
     return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
 
 
-def _cases(device: torch.device, quick: bool):
+def decode_cases(device: torch.device, quick: bool):
+    """(batch, cached tokens) of the decode-step suites (kivi, h2o)."""
     if device.type == "cuda":
         batches, lengths = ((1, 8), (1024, 8192)) if quick else ((1, 8, 32), (1024, 8192, 32768))
     else:
@@ -52,7 +53,7 @@ def run(device: torch.device, quick: bool = False) -> list[Record]:
     name = str(dtype).replace("torch.", "")
     runs = 30 if device.type == "cuda" else 10
     records = []
-    for b, t in _cases(device, quick):
+    for b, t in decode_cases(device, quick):
         torch.manual_seed(0)
         k = torch.randn(b, HKV, t, D, device=device, dtype=dtype)
         v = torch.randn(b, HKV, t, D, device=device, dtype=dtype)
