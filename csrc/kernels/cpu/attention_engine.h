@@ -6,6 +6,10 @@
 // one GQA group share every loaded block. With H2O scoring, a unit takes all query tokens of
 // its (row, kv-head) and keeps each block's exponentials with the running max they used, so
 // the final probabilities come from one rescale at the end instead of a second pass.
+// Units with many query rows (prefill, token trees, wide GQA groups) run both products
+// (scores = Q K^T, out += P V) through the register-tiled block GEMM of block_gemm.inc; a few
+// rows (decode) use plain loops, where packing the block for the GEMM would cost more than it
+// saves.
 #pragma once
 
 #include <algorithm>
@@ -14,17 +18,25 @@
 #include <limits>
 #include <vector>
 
+#include "block_gemm.h"
 #include "effx/attention.h"
 
 namespace effx {
 namespace cpu {
 
+// Query rows per unit from which the block GEMM pays for its packing.
+constexpr int64_t kGemmRows = 16;
+
+// Gemm: one of the isa_*::Kernels of block_gemm_variants.inc (chosen by the caller for the CPU).
 // Cached: a policy with
 //   int64_t block() const: tokens per block (the engine's blocks start at multiples of it);
 //   void keys_t(b, h, t0, t1, float* kt, int64_t ld) const: kt[d * ld + t - t0] for cached t;
 //   void values(b, h, t0, t1, float* v) const: v[(t - t0) * D + d].
-template <typename T, typename Cached>
+template <typename Gemm, typename T, typename Cached>
 void run_attention(const AttentionArgs& a, const Cached& cached, int num_threads) {
+  using block_gemm::MatA;
+  using block_gemm::MatB;
+  using block_gemm::MatC;
   const int64_t D = a.head_dim;
   const int64_t group = a.q_heads / a.kv_heads;
   const bool scoring = a.scores != nullptr;
@@ -48,6 +60,8 @@ void run_attention(const AttentionArgs& a, const Cached& cached, int num_threads
         s(max_rows * BT), m(max_rows), l(max_rows);
     std::vector<uint64_t> ancestors(tree ? chunk * mask_words : 0);
     std::vector<float> probs, block_max;  // scoring: [rows][tokens] and [rows][blocks]
+    std::vector<float> alpha(max_rows);
+    block_gemm::Workspace<float> ws;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t b = u / (a.kv_heads * chunks);
@@ -101,13 +115,20 @@ void run_attention(const AttentionArgs& a, const Cached& cached, int num_threads
             v[(t - t0) * D + d] = to_float(vr[d]);
           }
         }
+        const bool gemm = rows >= kGemmRows;
+        if (gemm) {
+          Gemm::template run<float>(rows, bt, D, MatA<float>{qs.data(), D, 1}, MatB<float>{kt.data(), BT, 1},
+                                    MatC<float>{s.data(), BT, 1}, false, ws);
+        }
         for (int64_t r = 0; r < rows; ++r) {
           float* sr = s.data() + r * BT;
-          std::fill(sr, sr + bt, 0.0f);
-          for (int64_t d = 0; d < D; ++d) {
-            const float qd = qs[r * D + d];
-            const float* kd = kt.data() + d * BT;
-            for (int64_t j = 0; j < bt; ++j) sr[j] += qd * kd[j];
+          if (!gemm) {
+            std::fill(sr, sr + bt, 0.0f);
+            for (int64_t d = 0; d < D; ++d) {
+              const float qd = qs[r * D + d];
+              const float* kd = kt.data() + d * BT;
+              for (int64_t j = 0; j < bt; ++j) sr[j] += qd * kd[j];
+            }
           }
           const int64_t i = i0 + r / group;
           for (int64_t t = std::max(t0, n); t < t1; ++t) {
@@ -119,26 +140,38 @@ void run_attention(const AttentionArgs& a, const Cached& cached, int num_threads
           }
           float mx = m[r];
           for (int64_t j = 0; j < bt; ++j) mx = std::max(mx, sr[j]);
-          if (mx == kNegInf) continue;  // nothing visible in this block yet
-          const float alpha = std::exp(m[r] - mx);
+          if (mx == kNegInf) {  // nothing visible in this block yet: it adds nothing
+            std::fill(sr, sr + bt, 0.0f);
+            alpha[r] = 1.0f;
+            continue;
+          }
+          alpha[r] = std::exp(m[r] - mx);
           float sum = 0.0f;
           for (int64_t j = 0; j < bt; ++j) {
             sr[j] = std::exp(sr[j] - mx);
             sum += sr[j];
           }
-          l[r] = l[r] * alpha + sum;
+          l[r] = l[r] * alpha[r] + sum;
           m[r] = mx;
           if (scoring) {
             std::copy(sr, sr + bt, probs.begin() + r * total + t0);
             block_max[r * blocks + t0 / BT] = mx;
           }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
           float* ar = acc.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+          for (int64_t d = 0; d < D; ++d) ar[d] *= alpha[r];
+          if (gemm) continue;
+          const float* sr = s.data() + r * BT;
           for (int64_t j = 0; j < bt; ++j) {
             const float p = sr[j];
             const float* vj = v.data() + j * D;
             for (int64_t d = 0; d < D; ++d) ar[d] += p * vj[d];
           }
+        }
+        if (gemm) {
+          Gemm::template run<float>(rows, D, bt, MatA<float>{s.data(), BT, 1}, MatB<float>{v.data(), D, 1},
+                                    MatC<float>{acc.data(), D, 1}, true, ws);
         }
       }
 
