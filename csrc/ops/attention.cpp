@@ -3,7 +3,6 @@
 #include <torch/library.h>
 
 #include "attention_args.h"
-#include "checks.h"
 
 namespace effx {
 namespace ops {
@@ -13,12 +12,8 @@ std::tuple<at::Tensor, at::Tensor> dense_attention_cpu(
     const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& lengths, const std::optional<at::Tensor>& new_lengths,
     const std::optional<at::Tensor>& parents, bool causal, double sm_scale) {
-  constexpr const char* op = "dense_attention";
-  EFFX_CHECK(k_cache.dim() == 4, op, "k_cache must be 4-D [batch, kv_heads, capacity, head_dim], got shape ",
-             k_cache.sizes());
-  AttentionCall c = prepare_attention(op, q, k_new, v_new, lengths, new_lengths, parents, causal,
-                                      sm_scale, k_cache.size(2));
-  const DenseKV kv = dense_kv(op, c, k_cache, v_cache);
+  auto [c, kv] = prepare_dense_attention("dense_attention", q, k_new, v_new, k_cache, v_cache, lengths,
+                                         new_lengths, parents, causal, sm_scale);
   cpu::dense_attention(c.args, kv, c.dtype, at::get_num_threads());
   return {c.out, c.lse};
 }

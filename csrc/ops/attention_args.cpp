@@ -23,6 +23,17 @@ void check_storage(const char* op, const char* arg, const at::Tensor& t, at::Int
   EFFX_CHECK(t.is_contiguous(), op, arg, " must be contiguous (it is cache storage)");
 }
 
+namespace {
+
+void check_index_vector(const char* op, const char* arg, const at::Tensor& t, int64_t batch,
+                        const at::Tensor& q) {
+  EFFX_CHECK(t.scalar_type() == at::kLong, op, arg, " must be int64, got ", describe(t.scalar_type()));
+  EFFX_CHECK(t.dim() == 1 && t.size(0) == batch, op, arg, " must have shape [", batch,
+             "] (one entry per batch row), got ", t.sizes());
+  check_same_device(q, "q", t, arg, op);
+}
+
+
 DenseKV dense_kv(const char* op, const AttentionCall& c, const at::Tensor& k_cache,
                  const at::Tensor& v_cache) {
   const AttentionArgs& a = c.args;
@@ -42,16 +53,6 @@ DenseKV dense_kv(const char* op, const AttentionCall& c, const at::Tensor& k_cac
              k_cache.strides(), " and ", v_cache.strides());
   return DenseKV{k_cache.const_data_ptr(), v_cache.const_data_ptr(), k_cache.stride(0),
                  k_cache.stride(1), k_cache.stride(2)};
-}
-
-namespace {
-
-void check_index_vector(const char* op, const char* arg, const at::Tensor& t, int64_t batch,
-                        const at::Tensor& q) {
-  EFFX_CHECK(t.scalar_type() == at::kLong, op, arg, " must be int64, got ", describe(t.scalar_type()));
-  EFFX_CHECK(t.dim() == 1 && t.size(0) == batch, op, arg, " must have shape [", batch,
-             "] (one entry per batch row), got ", t.sizes());
-  check_same_device(q, "q", t, arg, op);
 }
 
 }  // namespace
@@ -143,6 +144,21 @@ AttentionCall prepare_attention(const char* op, const at::Tensor& q_in, const at
   a.max_cached = capacity;
   a.scores = nullptr;
   return c;
+}
+
+DenseAttentionCall prepare_dense_attention(const char* op, const at::Tensor& q, const at::Tensor& k_new,
+                                           const at::Tensor& v_new, const at::Tensor& k_cache,
+                                           const at::Tensor& v_cache, const at::Tensor& lengths,
+                                           const std::optional<at::Tensor>& new_lengths,
+                                           const std::optional<at::Tensor>& parents, bool causal,
+                                           double sm_scale) {
+  EFFX_CHECK(k_cache.dim() == 4, op, "k_cache must be 4-D [batch, kv_heads, capacity, head_dim], got shape ",
+             k_cache.sizes());
+  DenseAttentionCall d{prepare_attention(op, q, k_new, v_new, lengths, new_lengths, parents, causal, sm_scale,
+                                         k_cache.size(2)),
+                       {}};
+  d.kv = dense_kv(op, d.call, k_cache, v_cache);
+  return d;
 }
 
 }  // namespace ops

@@ -27,10 +27,19 @@ AttentionCall prepare_attention(const char* op, const at::Tensor& q, const at::T
                                 const std::optional<at::Tensor>& parents, bool causal,
                                 double sm_scale, int64_t capacity);
 
-// Checks a plain K/V cache pair [B, Hkv, capacity, D] against the call (same strides for k and
-// v, head_dim contiguous) and returns its kernel view.
-DenseKV dense_kv(const char* op, const AttentionCall& c, const at::Tensor& k_cache,
-                 const at::Tensor& v_cache);
+struct DenseAttentionCall {
+  AttentionCall call;
+  DenseKV kv;
+};
+
+// prepare_attention for a plain K/V cache pair [B, Hkv, capacity, D] (same strides for k and v,
+// head_dim contiguous): the dense_attention and h2o_attention ops on both backends.
+DenseAttentionCall prepare_dense_attention(const char* op, const at::Tensor& q, const at::Tensor& k_new,
+                                           const at::Tensor& v_new, const at::Tensor& k_cache,
+                                           const at::Tensor& v_cache, const at::Tensor& lengths,
+                                           const std::optional<at::Tensor>& new_lengths,
+                                           const std::optional<at::Tensor>& parents, bool causal,
+                                           double sm_scale);
 
 // Strided view of a 4-D tensor whose last dim is contiguous.
 Strided strided(const at::Tensor& t);

@@ -5,12 +5,11 @@ namespace effx {
 namespace cpu {
 namespace {
 
-#include "block_gemm_variants.inc"
-
 constexpr int64_t kDenseBlock = 64;
 
 template <typename T>
 struct DenseCached {
+  using Storage = T;
   const DenseKV& kv;
   int64_t D;
   int64_t block() const { return kDenseBlock; }
@@ -30,12 +29,7 @@ struct DenseCached {
 
 template <typename T>
 void dense_typed(const AttentionArgs& a, const DenseKV& kv, int num_threads) {
-  const DenseCached<T> cached{kv, a.head_dim};
-  switch (block_gemm::best_isa()) {
-    case block_gemm::Isa::Avx512: return run_attention<isa_avx512::Kernels, T>(a, cached, num_threads);
-    case block_gemm::Isa::Avx2: return run_attention<isa_avx2::Kernels, T>(a, cached, num_threads);
-    case block_gemm::Isa::Baseline: return run_attention<isa_baseline::Kernels, T>(a, cached, num_threads);
-  }
+  run_attention_on_this_cpu(a, DenseCached<T>{kv, a.head_dim}, num_threads);
 }
 
 }  // namespace

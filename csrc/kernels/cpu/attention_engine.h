@@ -211,5 +211,22 @@ void run_attention(const AttentionArgs& a, const Cached& cached, int num_threads
   }
 }
 
+// run_attention with the block GEMM compiled for the widest instruction set of this CPU.
+// Cached names its storage type T as Cached::Storage.
+namespace {
+
+#include "block_gemm_variants.inc"
+
+template <typename Cached>
+void run_attention_on_this_cpu(const AttentionArgs& a, const Cached& cached, int num_threads) {
+  using T = typename Cached::Storage;
+  switch (block_gemm::best_isa()) {
+    case block_gemm::Isa::Avx512: return run_attention<isa_avx512::Kernels, T>(a, cached, num_threads);
+    case block_gemm::Isa::Avx2: return run_attention<isa_avx2::Kernels, T>(a, cached, num_threads);
+    case block_gemm::Isa::Baseline: return run_attention<isa_baseline::Kernels, T>(a, cached, num_threads);
+  }
+}
+
+}  // namespace
 }  // namespace cpu
 }  // namespace effx

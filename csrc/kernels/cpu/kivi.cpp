@@ -13,18 +13,6 @@ namespace effx {
 namespace cpu {
 namespace {
 
-#include "block_gemm_variants.inc"
-
-template <typename Cached>
-void run_on_this_cpu(const AttentionArgs& a, const Cached& cached, int num_threads) {
-  using T = typename Cached::Storage;
-  switch (block_gemm::best_isa()) {
-    case block_gemm::Isa::Avx512: return run_attention<isa_avx512::Kernels, T>(a, cached, num_threads);
-    case block_gemm::Isa::Avx2: return run_attention<isa_avx2::Kernels, T>(a, cached, num_threads);
-    case block_gemm::Isa::Baseline: return run_attention<isa_baseline::Kernels, T>(a, cached, num_threads);
-  }
-}
-
 struct KiviDims {
   int64_t H, D, C, R, G, k_words, k_groups, v_words, v_groups;
   explicit KiviDims(const KiviStorage& s)
@@ -145,8 +133,8 @@ void append_typed(const KiviStorage& s, const Strided& k_new, const Strided& v_n
 
 template <typename T>
 void attention_bits(const AttentionArgs& a, const KiviStorage& s, int num_threads) {
-  if (s.bits == 2) return run_on_this_cpu(a, KiviCached<T, 2>{s, KiviDims(s)}, num_threads);
-  return run_on_this_cpu(a, KiviCached<T, 4>{s, KiviDims(s)}, num_threads);
+  if (s.bits == 2) return run_attention_on_this_cpu(a, KiviCached<T, 2>{s, KiviDims(s)}, num_threads);
+  return run_attention_on_this_cpu(a, KiviCached<T, 4>{s, KiviDims(s)}, num_threads);
 }
 
 template <typename T>

@@ -4,9 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../attention_args.h"
-#include "../checks.h"
-#include "effx/attention_cuda.h"
+#include "attention_workspace.h"
 
 namespace effx {
 namespace ops {
@@ -18,14 +16,9 @@ std::tuple<at::Tensor, at::Tensor> dense_attention_cuda(
     const std::optional<at::Tensor>& parents, bool causal, double sm_scale) {
   constexpr const char* op = "dense_attention";
   const c10::cuda::CUDAGuard guard(q.device());
-  EFFX_CHECK(k_cache.dim() == 4, op, "k_cache must be 4-D [batch, kv_heads, capacity, head_dim], got shape ",
-             k_cache.sizes());
-  AttentionCall c = prepare_attention(op, q, k_new, v_new, lengths, new_lengths, parents, causal, sm_scale,
-                                      k_cache.size(2));
-  EFFX_CHECK(c.args.head_dim <= 256, op, "head_dim must be at most 256 on CUDA, got ", c.args.head_dim);
-  const DenseKV kv = dense_kv(op, c, k_cache, v_cache);
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(cuda::attention_workspace_bytes(c.args))}, q.options().dtype(at::kByte));
+  auto [c, kv] = prepare_dense_attention(op, q, k_new, v_new, k_cache, v_cache, lengths, new_lengths, parents,
+                                         causal, sm_scale);
+  const at::Tensor workspace = attention_workspace(op, c);
   const cudaError_t err = cuda::dense_attention(c.args, kv, c.dtype, workspace.data_ptr(),
                                                 c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "effx.dense_attention: CUDA kernel failed: ", cudaGetErrorString(err));

@@ -6,6 +6,7 @@
 
 #include "../checks.h"
 #include "../h2o_args.h"
+#include "attention_workspace.h"
 #include "effx/h2o_cuda.h"
 
 namespace effx {
@@ -18,15 +19,10 @@ std::tuple<at::Tensor, at::Tensor> h2o_attention_cuda(
     const std::optional<at::Tensor>& parents, const at::Tensor& scores, bool causal, double sm_scale) {
   constexpr const char* op = "h2o_attention";
   const c10::cuda::CUDAGuard guard(q.device());
-  EFFX_CHECK(k_cache.dim() == 4, op, "k_cache must be 4-D [batch, kv_heads, capacity, head_dim], got shape ",
-             k_cache.sizes());
-  AttentionCall c = prepare_attention(op, q, k_new, v_new, lengths, new_lengths, parents, causal, sm_scale,
-                                      k_cache.size(2));
-  EFFX_CHECK(c.args.head_dim <= 256, op, "head_dim must be at most 256 on CUDA, got ", c.args.head_dim);
-  const DenseKV kv = dense_kv(op, c, k_cache, v_cache);
+  auto [c, kv] = prepare_dense_attention(op, q, k_new, v_new, k_cache, v_cache, lengths, new_lengths, parents,
+                                         causal, sm_scale);
   attach_scores(op, c, scores, k_cache.size(2));
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(cuda::attention_workspace_bytes(c.args))}, q.options().dtype(at::kByte));
+  const at::Tensor workspace = attention_workspace(op, c);
   const cudaError_t err =
       cuda::h2o_attention(c.args, kv, c.dtype, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "effx.h2o_attention: CUDA kernel failed: ", cudaGetErrorString(err));

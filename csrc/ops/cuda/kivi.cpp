@@ -7,6 +7,7 @@
 #include "../attention_args.h"
 #include "../checks.h"
 #include "../kivi_args.h"
+#include "attention_workspace.h"
 #include "effx/kivi_cuda.h"
 
 namespace effx {
@@ -29,9 +30,7 @@ std::tuple<at::Tensor, at::Tensor> kivi_attention_cuda(
   EFFX_CHECK(c.args.kv_heads == s.heads && c.args.head_dim == s.head_dim && c.args.batch == s.batch, op,
              "k_new must have shape [", s.batch, ", ", s.heads, ", tokens, ", s.head_dim, "] like the cache, got ",
              k_new.sizes());
-  EFFX_CHECK(c.args.head_dim <= 256, op, "head_dim must be at most 256 on CUDA, got ", c.args.head_dim);
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(cuda::attention_workspace_bytes(c.args))}, q.options().dtype(at::kByte));
+  const at::Tensor workspace = attention_workspace(op, c);
   const cudaError_t err =
       cuda::kivi_attention(c.args, s, c.dtype, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "effx.kivi_attention: CUDA kernel failed: ", cudaGetErrorString(err));
