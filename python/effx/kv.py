@@ -202,17 +202,23 @@ class KVCache:
         if not 0 <= layer < self.num_layers:
             _fail(name, f"layer must be in [0, {self.num_layers}), got {layer}")
 
-    def _new_lengths(self, name: str, lengths, tn: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(tokens added per row on the host, the same on the device or None when all are tn)."""
+    def _new_lengths(self, name: str, lengths, tn: int) -> tuple[torch.Tensor | int, torch.Tensor | None]:
+        """(tokens added per row on the host, the same on the device or None when all are tn).
+        Without ragged lengths the host count stays a plain int: a decode step then costs a few
+        host tensor operations per layer instead of a dozen."""
         if lengths is None:
-            return torch.full((self.batch_size,), tn, dtype=torch.int64), None
+            return tn, None
         added = torch.as_tensor(lengths, dtype=torch.int64).cpu()
         if added.shape != (self.batch_size,) or (added < 0).any() or (added > tn).any():
             _fail(name, f"lengths must be {self.batch_size} ints in [0, {tn}], got {added.tolist()}")
         return added, added.to(self.device)
 
-    def _check_capacity(self, name: str, layer: int, added: torch.Tensor) -> None:
+    def _check_capacity(self, name: str, layer: int, added: torch.Tensor | int) -> None:
         held = self._held(layer)
+        if isinstance(added, int):
+            if int(held.max()) + added <= self.capacity:
+                return
+            added = torch.full_like(held, added)
         over = held + added > self.capacity
         if over.any():
             b = int(over.nonzero()[0])
@@ -238,14 +244,18 @@ class KVCache:
             _fail(name, f"q heads ({q.shape[1]}) must be a multiple of kv heads ({h})")
 
 
-def _store_tokens(pairs, offsets: torch.Tensor, counts: torch.Tensor) -> None:
+def _store_tokens(pairs, offsets: torch.Tensor, counts: torch.Tensor | int) -> None:
     """For each (storage [B, H, C, ...], new [B, H, T, ...]): copy row b's first counts[b] new
-    tokens to slots offsets[b] + (0, 1, ...). Offsets and counts live on the host."""
-    if bool((offsets == offsets[0]).all() & (counts == counts[0]).all()):
-        n, tn = int(offsets[0]), int(counts[0])
-        for storage, new in pairs:
-            storage[:, :, n:n + tn] = new[:, :, :tn]
-        return
+    tokens (all rows: counts, an int) to slots offsets[b] + (0, 1, ...). Both on the host."""
+    n = int(offsets[0])
+    if isinstance(counts, int) or bool((counts == counts[0]).all()):
+        tn = counts if isinstance(counts, int) else int(counts[0])
+        if bool((offsets == n).all()):
+            for storage, new in pairs:
+                storage[:, :, n:n + tn] = new[:, :, :tn]
+            return
+    if isinstance(counts, int):
+        counts = torch.full_like(offsets, counts)
     # Ragged rows: scatter each row's valid tokens after its own length.
     device = pairs[0][0].device
     rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
@@ -491,10 +501,11 @@ class H2OCache(KVCache):
     def _held(self, layer: int) -> torch.Tensor:
         return self._host_held[layer]
 
-    def _check_capacity(self, name: str, layer: int, added: torch.Tensor) -> None:
+    def _check_capacity(self, name: str, layer: int, added: torch.Tensor | int) -> None:
         # A step that does not fit is streamed: each chunk must fit after an eviction.
-        self._resolve_budget(int((self._host_lengths[layer] + added).max()))
-        if self.heavy + self.recent + min(int(added.max()), self.prefill_chunk) <= self.capacity:
+        most = added if isinstance(added, int) else int(added.max())
+        self._resolve_budget(int(self._host_lengths[layer].max()) + most)
+        if self.heavy + self.recent + min(most, self.prefill_chunk) <= self.capacity:
             return
         super()._check_capacity(name, layer, added)
 
@@ -519,6 +530,8 @@ class H2OCache(KVCache):
         self._host_held[layer].clamp_(max=self.heavy + self.recent)
 
     def _attend_and_store(self, layer, q, k_new, v_new, new_lengths, added):
+        if isinstance(added, int):
+            added = torch.full((self.batch_size,), added, dtype=torch.int64)
         self._resolve_budget(int(added.max()))
         outs, lses = [], []
         tn = k_new.shape[2]
@@ -543,6 +556,8 @@ class H2OCache(KVCache):
 
     def _append(self, layer, k_new, v_new, new_lengths, added):
         # Committed tree tokens: stored with zero scores, then the budget applies.
+        if isinstance(added, int):
+            added = torch.full((self.batch_size,), added, dtype=torch.int64)
         held = self._host_held[layer]
         zeros = torch.zeros(k_new.shape[:3], dtype=torch.float32, device=self.device)
         _store_tokens([(self._scores[layer], zeros)], held, added)
