@@ -11,6 +11,7 @@ accepted path.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Sequence
@@ -37,7 +38,7 @@ def _fail(where: str, message: str) -> None:
     raise ValueError(f"effx.kv.{where}: {message}")
 
 
-class KVCache:
+class KVCache(abc.ABC):
     """What every cache policy shares: shapes, bookkeeping of lengths, tree commits."""
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, *,
@@ -170,15 +171,19 @@ class KVCache:
         """Bytes of storage this cache holds, all layers."""
         return sum(t.nbytes for t in self._storage_tensors())
 
-    # --- what each policy defines: crop(n), and the hooks below ---------------------------------
+    # --- what each policy defines: crop(n), and the abstract hooks below ------------------------
+    @abc.abstractmethod
+    def crop(self, n: int) -> None:
+        """Forget every token past position ``n`` where the policy can (a clear error where not)."""
+
+    @abc.abstractmethod
     def _attention(self, layer, q, k_new, v_new, new_lengths, parents):
         """(out, lse) of the fused attention over cached + new tokens."""
-        raise NotImplementedError(type(self).__name__)
 
+    @abc.abstractmethod
     def _append(self, layer, k_new, v_new, new_lengths, added):
         """Store the new tokens (``added``: per row, on the host; the base class advances the
         host lengths afterwards)."""
-        raise NotImplementedError(type(self).__name__)
 
     def _attend_and_store(self, layer, q, k_new, v_new, new_lengths, added):
         """A regular (non-tree) step: attention, then storage."""
@@ -190,12 +195,13 @@ class KVCache:
         """Tokens stored per row on the host (all seen ones, unless the policy evicts)."""
         return self._host_lengths[layer]
 
+    @abc.abstractmethod
     def _storage_tensors(self) -> list[torch.Tensor]:
-        raise NotImplementedError(type(self).__name__)
+        """Every tensor the cache holds (for nbytes)."""
 
+    @abc.abstractmethod
     def _select_storage(self, rows: torch.Tensor) -> None:
         """Replace every per-row storage tensor by its rows ``rows`` (on the cache's device)."""
-        raise NotImplementedError(type(self).__name__)
 
     # --- checks --------------------------------------------------------------------------------
     def _check_layer(self, name: str, layer: int) -> None:
