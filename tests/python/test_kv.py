@@ -124,6 +124,33 @@ def test_dense_tree_attention_and_commit(device, dtype):
     assert run.step(1) <= TOL[dtype]
 
 
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads,q_heads,head_dim", [(2, 8, 64), (1, 2, 40)])
+def test_dense_long_cache_every_cpu_isa(isa, dtype, kv_heads, q_heads, head_dim, monkeypatch):
+    """Cached blocks read in place (several whole blocks), decode rows and many-row (block GEMM)
+    prefill chunks, head_dim not a multiple of the vector width, each CPU instruction set."""
+    monkeypatch.setenv("EFFX_CPU_ISA", isa)
+    torch.manual_seed(11)
+    cache = kv.DenseCache(1, 2, kv_heads, head_dim, 400, dtype=dtype)
+    run = Runner(cache, 2, kv_heads, q_heads, head_dim, dtype, "cpu")
+    errs = [run.step(150, lengths=[150, 131])] + [run.step(1) for _ in range(3)] + [run.step(40)]
+    parents = [-1, 0, 0, 1, 2, -1, 5] * 3
+    parents = [p if p < 0 or i < 7 else p + 7 * (i // 7) for i, p in enumerate(parents)]
+    q = randn(2, q_heads, len(parents), head_dim, dtype=dtype, device="cpu")
+    k = randn(2, kv_heads, len(parents), head_dim, dtype=dtype, device="cpu")
+    v = randn(2, kv_heads, len(parents), head_dim, dtype=dtype, device="cpu")
+    out = cache.attend(0, q, k, v, parents=parents)
+    for row in range(2):
+        kk, vv = run.rows[row].kv()
+        n = kk.shape[1]
+        ref, _ = attention_ref(q[row], torch.cat([kk, k[row].double()], 1), torch.cat([vv, v[row].double()], 1),
+                               n, cache.sm_scale, parents=parents)
+        errs.append(rel_error(out[row], ref))
+    assert max(errs) <= TOL[dtype]
+
+
 def test_dense_crop():
     torch.manual_seed(4)
     cache = kv.DenseCache(1, 1, 1, 32, 64, dtype=torch.float32)

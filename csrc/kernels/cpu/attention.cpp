@@ -13,6 +13,11 @@ struct DenseCached {
   const DenseKV& kv;
   int64_t D;
   int64_t block() const { return kDenseBlock; }
+  // Plain rows: the engine reads whole cached blocks in place.
+  const T* key_rows(int64_t b, int64_t h) const { return static_cast<const T*>(kv.k) + b * kv.sb + h * kv.sh; }
+  const T* value_rows(int64_t b, int64_t h) const { return static_cast<const T*>(kv.v) + b * kv.sb + h * kv.sh; }
+  int64_t row_stride() const { return kv.st; }
+  // Blocks that hold some of the step's new tokens too are staged through these.
   void keys_t(int64_t b, int64_t h, int64_t t0, int64_t t1, float* kt, int64_t ld) const {
     const T* k = static_cast<const T*>(kv.k) + b * kv.sb + h * kv.sh;
     for (int64_t t = t0; t < t1; ++t) {
