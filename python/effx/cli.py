@@ -99,6 +99,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.kv != "h2o" and (args.heavy is not None or args.recent is not None):
         print("effx generate: --heavy and --recent apply to --kv h2o", file=sys.stderr)
         return 2
+    if args.kv_offload is not None and args.kv != "offload":
+        print("effx generate: --kv-offload applies to --kv offload", file=sys.stderr)
+        return 2
     device = _device(args.device)
     try:
         model = _load_model(args.model, args.dtype, device)
@@ -110,6 +113,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 1
     ids = [model.tokenizer.encode(p) for p in args.prompt]
     options = {}
+    if args.kv == "offload":
+        try:
+            gpu, cpu = (float(x) for x in (args.kv_offload or "0,50").split(","))
+            from effx.offload import Policy
+
+            Policy(cache_gpu=gpu, cache_cpu=cpu)
+        except ValueError as err:
+            print(f"effx generate: --kv-offload takes GPU,CPU percentages of the KV cache (the disk holds the "
+                  f"rest), e.g. 0,50: {err}", file=sys.stderr)
+            return 2
+        options = dict(cache_gpu=gpu, cache_cpu=cpu)
     if args.kv == "h2o":
         options = dict(heavy=0.1 if args.heavy is None else args.heavy,
                        recent=0.1 if args.recent is None else args.recent)
@@ -204,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     g.add_argument("--stop", type=int, action="append", metavar="ID",
                    help="stop token id (repeatable; default: the model's EOS ids)")
-    g.add_argument("--kv", choices=["dense", "kivi2", "kivi4", "h2o"], default="dense", help="KV-cache policy")
+    g.add_argument("--kv", choices=["dense", "kivi2", "kivi4", "h2o", "offload"], default="dense", help="KV-cache policy")
+    g.add_argument("--kv-offload", metavar="GPU,CPU", help="--kv offload: percent of the KV cache on the GPU and "
+                                                         "on the CPU, the rest on disk (default 0,50)")
     g.add_argument("--heavy", type=_budget, help="H2O heavy hitters: tokens or fraction of the prompt (0.1)")
     g.add_argument("--recent", type=_budget, help="H2O recent window: tokens or fraction of the prompt (0.1)")
     g.add_argument("--sparsity", type=float, help="sparse MLP (DejaVu): fraction of MLP neurons skipped, e.g. 0.5")

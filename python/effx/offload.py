@@ -625,3 +625,7 @@ def offload_demo_row(device: torch.device) -> str:
     overlap = max(r["io"], r["compute"]) / r["total"]
     return (f"{name:<26} {r['streamed']:>11,} {r['streamed'] / r['total'] / 1e9:>8.2f} {r['total'] * 1e3:>11.2f} "
             f"{r['compute'] * 1e3:>11.2f} {overlap:>7.0%}")
+
+
+# The KV-cache tiers build on the classes above (effx/offload_cache.py).
+from effx.offload_cache import OffloadedCache  # noqa: E402

@@ -24,7 +24,7 @@ from effx.models.llama import CausalLM, LayerWeights
 
 __all__ = ["generate", "GenerationResult", "make_cache", "teacher_forced_logits", "CACHE_POLICIES"]
 
-CACHE_POLICIES = ("dense", "kivi2", "kivi4", "h2o")
+CACHE_POLICIES = ("dense", "kivi2", "kivi4", "h2o", "offload")
 
 
 def _fail(message: str) -> None:
@@ -33,14 +33,17 @@ def _fail(message: str) -> None:
 
 def make_cache(model: CausalLM, policy: str, batch_size: int, capacity: int, *, prompt_len: int,
                heavy: int | float = 0.1, recent: int | float = 0.1, group_size: int | None = None,
-               residual: int = 128, prefill_chunk: int = 128) -> kv.KVCache:
-    """A cache of ``policy`` (dense, kivi2, kivi4, h2o) sized for ``model``.
+               residual: int = 128, prefill_chunk: int = 128, cache_gpu: float = 0.0,
+               cache_cpu: float = 50.0) -> kv.KVCache:
+    """A cache of ``policy`` (dense, kivi2, kivi4, h2o, offload) sized for ``model``.
 
     ``capacity``: prompt + new tokens of the longest row. KIVI groups ``group_size`` tokens or
     channels (default 32, or 16 for head dims 32 does not divide) and keeps ``residual``
     tokens in full precision. H2O holds only its budget
     (``heavy`` + ``recent``: token counts, or fractions of ``prompt_len``) plus one prefill
-    chunk, the prompt being scored and evicted in chunks of ``prefill_chunk``.
+    chunk, the prompt being scored and evicted in chunks of ``prefill_chunk``. Offload keeps
+    ``cache_gpu`` / ``cache_cpu`` percent of the layers' K/V on the device / in host memory
+    and the rest on disk (:class:`effx.offload.OffloadedCache`).
     """
     c = model.config
     shape = (c.num_layers, batch_size, c.num_kv_heads, c.head_dim)
@@ -55,6 +58,10 @@ def make_cache(model: CausalLM, policy: str, batch_size: int, capacity: int, *, 
         budget = sum(round(x * prompt_len) if isinstance(x, float) else x for x in (heavy, recent))
         return kv.H2OCache(*shape, min(capacity, budget + min(prefill_chunk, prompt_len)), heavy=heavy,
                            recent=recent, prefill_chunk=prefill_chunk, **where)
+    if policy == "offload":
+        from effx.offload import OffloadedCache, Policy
+
+        return OffloadedCache(*shape, capacity, policy=Policy(cache_gpu=cache_gpu, cache_cpu=cache_cpu), **where)
     _fail(f"cache policy must be one of {', '.join(CACHE_POLICIES)}, got {policy!r}")
 
 
