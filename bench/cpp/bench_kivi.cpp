@@ -1,5 +1,8 @@
 // effx C++ benchmark: one decode step of the KIVI-2/4 and dense cache attention CPU kernels,
-// torch-free: B = 1, 8 kv-heads, 32 query heads, head_dim 128, T = 8192 cached tokens.
+// torch-free: B = 1, 8 kv-heads, 32 query heads, head_dim 128, T = 8192 cached tokens; and the
+// append that fills the cache: a prefill of T tokens and decoding (one token per step, the
+// mean over R steps, which quantize R values and one block of R keys). Exits 1 if an append
+// leaves a wrong (n, kq, vq) state.
 #include <cstdio>
 #include <random>
 #include <thread>
@@ -47,6 +50,7 @@ int main() {
   std::vector<float> k(B * H * C * D), v(k.size());
   for (auto& x : k) x = dist(rng);
   for (auto& x : v) x = dist(rng);
+  bool failed = false;
   const int64_t len = T;
   const effx::DenseKV dense{k.data(), v.data(), H * C * D, C * D, D};
   auto a = decode_args(q, kn, vn, out, &len, 1);
@@ -69,6 +73,33 @@ int main() {
     const double bytes = (k_codes.size() + v_codes.size()) * 4.0 * T / C + (k_scale.size() + v_scale.size()) * 8.0 * T / C;
     std::printf("kivi-%d      %10.3f ms %8.1f GB/s %6.1f%% of roof, %.2fx dense time\n", bits, t * 1e3, bytes / t / 1e9,
                 100 * bytes / t / 1e9 / roof, t / t_dense);
+
+    // Appends (the attention above is done with this storage). Prefill: T tokens into an
+    // empty cache, GB/s on the fp32 K/V read. Decode: R single-token appends from n0 = T - 64
+    // (prefilled untimed) to T + 64 = C, crossing one key-block boundary.
+    auto expect_state = [&](int64_t n, int64_t kq, int64_t vq, const char* what) {
+      if (state[0] == n && state[1] == kq && state[2] == vq) return;
+      std::printf("CHECK FAILED: kivi-%d %s: state (%lld, %lld, %lld), expected (%lld, %lld, %lld)\n", bits, what,
+                  (long long)state[0], (long long)state[1], (long long)state[2], (long long)n, (long long)kq,
+                  (long long)vq);
+      failed = true;
+    };
+    auto empty = [&] { std::fill(state.begin(), state.end(), 0); };
+    auto prefill = [&](int64_t n) { effx::cpu::kivi_append(s, effx::DType::Float32, ks, vs, n, nullptr, threads); };
+    const double t_prefill = effx_bench::median_seconds_after(empty, [&] { prefill(T); }, 1, 5);
+    expect_state(T, T - T % R, T - R, "prefill");
+    const int64_t n0 = T - 64;
+    auto decode_steps = [&] {
+      for (int64_t i = 0; i < R; ++i) {
+        const effx::Strided kt{k.data() + (n0 + i) * D, H * C * D, C * D, D}, vt{v.data() + (n0 + i) * D, H * C * D, C * D, D};
+        effx::cpu::kivi_append(s, effx::DType::Float32, kt, vt, 1, nullptr, threads);
+      }
+    };
+    const double t_steps = effx_bench::median_seconds_after([&] { empty(); prefill(n0); }, decode_steps, 1, 3);
+    expect_state(n0 + R, (n0 + R) - (n0 + R) % R, n0, "decode appends");
+    const double kv_in = 2.0 * B * H * T * D * 4;
+    std::printf("kivi-%d append: prefill %lld tokens %.3f ms (%.1f GB/s of fp32 K/V), decode %.4f ms per token\n", bits,
+                (long long)T, t_prefill * 1e3, kv_in / t_prefill / 1e9, t_steps / R * 1e3);
   }
-  return 0;
+  return failed ? 1 : 0;
 }

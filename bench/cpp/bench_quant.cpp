@@ -1,5 +1,7 @@
 // effx C++ benchmark: group-wise quantization CPU kernel, torch-free. Prints time, bytes
-// moved, GB/s and the fraction of the measured host copy bandwidth per shape.
+// moved, GB/s and the fraction of the measured host copy bandwidth per shape. Exits 1 unless
+// every dequantized value is within half a quantization step of the input.
+#include <cmath>
 #include <cstdio>
 #include <random>
 #include <thread>
@@ -18,6 +20,7 @@ int main() {
   std::mt19937 rng(0);
   std::normal_distribution<float> dist;
   for (auto& v : x) v = dist(rng);
+  int64_t failures = 0;
   for (int bits : {2, 4, 8}) {
     const int group = 32;
     effx::QuantShape s{rows, cols, cols, bits, group};
@@ -32,11 +35,23 @@ int main() {
       effx::cpu::dequantize(s, codes.data(), effx::DType::Float32, scale.data(), zero.data(),
                             effx::DType::Float32, out.data(), threads);
     });
+    int64_t bad = 0;
+    for (int64_t i = 0; i < rows * cols; ++i) {
+      const float sc = scale[i / group];
+      if (!(std::fabs(out[i] - x[i]) <= 0.5f * sc * 1.0001f + 1e-6f * (std::fabs(x[i]) + 1.0f)) && bad++ < 5)
+        std::printf("CHECK FAILED: %d-bit value %lld: %.8g dequantized to %.8g (scale %.6g)\n", bits, (long long)i, x[i],
+                    out[i], sc);
+    }
+    failures += bad;
     for (auto [name, t] : {std::pair{"quantize", tq}, std::pair{"dequantize", td}}) {
       const double gbps = bytes_q / t / 1e9;
       std::printf("%-10s %5d %5d %10zu %10.3f %8.1f %6.1f%%\n", name, bits, group, x.size(),
                   t * 1e3, gbps, 100.0 * gbps / roof);
     }
+  }
+  if (failures) {
+    std::printf("FAILED: %lld values off by more than half a step\n", (long long)failures);
+    return 1;
   }
   return 0;
 }
