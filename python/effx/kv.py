@@ -56,7 +56,8 @@ class KVCache(abc.ABC):
         self.sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
         # Host mirror of each row's length, for capacity checks without a device sync.
         self._host_lengths = torch.zeros(num_layers, batch_size, dtype=torch.int64)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        # Per layer, the (q, k, v) of a tree awaiting commit_tree.
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
     # --- the interface -------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, *,
@@ -95,7 +96,7 @@ class KVCache(abc.ABC):
             self._host_lengths[layer] += added
         else:
             out, lse = self._attention(layer, q, k_new, v_new, new_lengths, tree)
-            self._pending[layer] = (k_new, v_new)
+            self._pending[layer] = (q, k_new, v_new)
         return (out, lse) if return_lse else out
 
     def extend(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, *,
@@ -129,7 +130,7 @@ class KVCache(abc.ABC):
         for layer, pending in enumerate(self._pending):
             if pending is None:
                 continue
-            k_tree, v_tree = pending
+            q_tree, k_tree, v_tree = pending
             n_tree = k_tree.shape[2]
             if any(not 0 <= i < n_tree for r in rows for i in r):
                 _fail(name, f"accepted node indices must be in [0, {n_tree}), got {rows}")
@@ -138,11 +139,10 @@ class KVCache(abc.ABC):
                 continue
             index = torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], dtype=torch.int64,
                                  device=self.device)
-            gather = index[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
-            k_path = torch.gather(k_tree, 2, gather)
-            v_path = torch.gather(v_tree, 2, gather)
+            path = [torch.gather(t, 2, index[:, None, :, None].expand(-1, t.shape[1], -1, self.head_dim))
+                    for t in (q_tree, k_tree, v_tree)]
             ragged = counts.to(self.device) if (counts != width).any() else None
-            self._append(layer, k_path, v_path, ragged, counts)
+            self._commit_path(layer, *path, ragged, counts)
             self._host_lengths[layer] += counts
 
     def select_rows(self, index: torch.Tensor | Sequence[int]) -> None:
@@ -155,7 +155,7 @@ class KVCache(abc.ABC):
         rows = index.to(self.device)
         self._select_storage(rows)
         self._host_lengths = self._host_lengths[:, index]
-        self._pending = [None if p is None else (p[0][rows], p[1][rows]) for p in self._pending]
+        self._pending = [None if p is None else tuple(t[rows] for t in p) for p in self._pending]
         self.batch_size = int(index.numel())
 
     def seq_len(self, layer: int = 0) -> int:
@@ -184,6 +184,10 @@ class KVCache(abc.ABC):
     def _append(self, layer, k_new, v_new, new_lengths, added):
         """Store the new tokens (``added``: per row, on the host; the base class advances the
         host lengths afterwards)."""
+
+    def _commit_path(self, layer, q_path, k_path, v_path, new_lengths, added):
+        """Store a committed tree path (a chain: each node's ancestors are the nodes before it)."""
+        self._append(layer, k_path, v_path, new_lengths, added)
 
     def _attend_and_store(self, layer, q, k_new, v_new, new_lengths, added):
         """A regular (non-tree) step: attention, then storage."""
@@ -465,8 +469,11 @@ class H2OCache(KVCache):
     never with a [T, T] matrix. ``capacity`` bounds the tokens held at once: when a step fits
     (held + new <= capacity) every new token is scored by all of the step's queries before the
     one eviction (exact H2O); when it does not, the cache evicts before each chunk that would
-    overflow (streamed prefill, memory bounded by budget + ``prefill_chunk``). Steps with a
-    token tree (``parents``) do not add to the scores; the committed tokens start from score 0.
+    overflow (streamed prefill, memory bounded by budget + ``prefill_chunk``). A step with a
+    token tree (``parents``) scores nothing while the tree is speculative; ``commit_tree``
+    then scores the accepted path exactly as the regular step it stands for (its queries
+    attend over the held tokens and their own predecessors on the path), so rejected nodes
+    add nothing and the scores are those of plain decoding.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, *,
@@ -560,8 +567,12 @@ class H2OCache(KVCache):
         self._evict(layer)
         return torch.cat(outs, 2), torch.cat(lses, 2)
 
+    def _commit_path(self, layer, q_path, k_path, v_path, new_lengths, added):
+        # The path's queries score as in the step that plain decoding would have made.
+        self._attend_and_store(layer, q_path, k_path, v_path, new_lengths, added)
+
     def _append(self, layer, k_new, v_new, new_lengths, added):
-        # Committed tree tokens: stored with zero scores, then the budget applies.
+        # Tokens stored without attention (extend): zero scores, then the budget applies.
         if isinstance(added, int):
             added = torch.full((self.batch_size,), added, dtype=torch.int64)
         held = self._host_held[layer]

@@ -212,3 +212,34 @@ def test_scores_of_one_step_match_probabilities_and_gqa_grouping():
     scores, _ = cache.scores(0)
     # each query row's probabilities sum to 1: per kv-head the scores sum to group * queries
     assert torch.allclose(scores.sum(-1), torch.full((1, 2), 3.0 * 10), rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_committed_tree_path_scores_like_plain_decoding(device):
+    """A tree step scores nothing until commit_tree; then the accepted path adds exactly what
+    the same tokens decoded as one regular step add (rejected nodes add nothing)."""
+    torch.manual_seed(21)
+    b, h, hq, d = 2, 2, 4, 32
+    tree_cache, plain_cache = (kv.H2OCache(1, b, h, d, 64, heavy=6, recent=6, device=device, dtype=torch.float32)
+                               for _ in range(2))
+    prompt = [randn(b, hq, 20, d, device=device), randn(b, h, 20, d, device=device), randn(b, h, 20, d, device=device)]
+    for c in (tree_cache, plain_cache):
+        c.attend(0, *prompt)
+    parents = [-1, 0, 0, 1, 1, 3]
+    q, k, v = randn(b, hq, 6, d, device=device), randn(b, h, 6, d, device=device), randn(b, h, 6, d, device=device)
+    before = tree_cache.scores(0)
+    tree_cache.attend(0, q, k, v, parents=parents)
+    assert all(torch.equal(x, y) for x, y in zip(tree_cache.scores(0), before))
+    paths = [[0, 1, 3, 5], [0, 2]]  # rows accept different paths and lengths
+    tree_cache.commit_tree(paths)
+    width = max(map(len, paths))
+    pick = torch.tensor([p + [0] * (width - len(p)) for p in paths], device=device)
+
+    def path(t):
+        return torch.gather(t, 2, pick[:, None, :, None].expand(-1, t.shape[1], -1, d))
+
+    plain_cache.attend(0, path(q), path(k), path(v), lengths=[len(p) for p in paths])
+    for got, want in zip(tree_cache.scores(0), plain_cache.scores(0)):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    step = [randn(b, hq, 1, d, device=device), randn(b, h, 1, d, device=device), randn(b, h, 1, d, device=device)]
+    assert torch.allclose(tree_cache.attend(0, *step), plain_cache.attend(0, *step), rtol=1e-6, atol=1e-6)
