@@ -1,9 +1,10 @@
-"""The ``effx`` command: ``info``, ``bench``, ``generate`` and ``demo``."""
+"""The ``effx`` command: ``info``, ``bench``, ``report``, ``generate`` and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -33,7 +34,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from effx.bench import SUITES
-    from effx.bench.harness import format_table, write_json
+    from effx.bench.harness import format_table, take_skipped, write_json
 
     families = list(SUITES) if not args.family or "all" in args.family else args.family
     unknown = [f for f in families if f not in SUITES]
@@ -41,20 +42,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"effx bench: unknown family {', '.join(unknown)}; available: {', '.join(SUITES)}, all",
               file=sys.stderr)
         return 2
+    if args.model and "e2e" not in families:
+        print("effx bench: --model applies to the e2e suite, which is not among the families run", file=sys.stderr)
+        return 2
     device = _device(args.device)
-    records = []
+    records, skipped = [], []
+    take_skipped()  # notes of an earlier run in this process are not this run's
     for family in families:
         print(f"# {family} on {device}", flush=True)
-        got = SUITES[family](device, quick=args.quick)
+        options = {"model_dir": args.model} if family == "e2e" and args.model else {}
+        got = SUITES[family](device, quick=args.quick, **options)
         print(format_table(got), flush=True)
+        notes = take_skipped()
+        for n in notes:
+            case = ",".join(f"{k}={v}" for k, v in n.shape.items()) or "all cases"
+            print(f"skipped {n.peer} ({case}): {n.reason}", flush=True)
         records += got
+        skipped += notes
     if records:
         roofs = records[0].roofs
         print(f"\nroofs on {roofs.device}: copy {roofs.copy_gbps:.1f} GB/s, "
               f"matmul {roofs.matmul_tflops:.2f} TFLOP/s ({roofs.matmul_dtype})")
-    if args.json:
-        write_json(args.json, records)
-        print(f"wrote {args.json}")
+    paths = [args.json] if args.json else []
+    if args.report:
+        paths.append(os.path.join(args.report, "results.json"))
+    for path in paths:
+        write_json(path, records, skipped=skipped, note=args.note)
+        print(f"wrote {path}")
+    if args.report:
+        from effx.bench.report import write_report
+
+        print(f"wrote {write_report(paths[-1], args.report)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from effx.bench.report import write_report
+
+    try:
+        print(f"wrote {write_report(args.json, args.out)}")
+    except (OSError, ValueError, KeyError) as err:
+        print(f"effx report: cannot render {args.json}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -206,7 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="PATH", help="write results as JSON")
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    b.add_argument("--report", metavar="DIR", help="write DIR/results.json and a Markdown report with plots "
+                                                   "(DIR/report.md, *.png; plots need matplotlib)")
+    b.add_argument("--note", help="free text about the run, kept in the JSON and shown atop the report")
+    b.add_argument("--model", metavar="DIR", help="e2e suite: a Hugging Face checkpoint folder instead of the "
+                                                  "built-in random-weight model")
     b.set_defaults(fn=cmd_bench)
+    r = sub.add_parser("report", help="render the Markdown report and plots of a bench JSON")
+    r.add_argument("json", help="a JSON written by effx bench --json or --report")
+    r.add_argument("--out", metavar="DIR", help="folder for report.md and the plots (default: the JSON's folder)")
+    r.set_defaults(fn=cmd_report)
     g = sub.add_parser("generate", help="generate text with a checkpoint and any effx method")
     g.add_argument("--model", required=True, metavar="DIR",
                    help="Hugging Face checkpoint folder (Llama, Mistral, Qwen2), or 'random' for the built-in "

@@ -10,9 +10,7 @@ how a trained model would respond. ``--model DIR`` runs the same on a real check
 
 from __future__ import annotations
 
-import gc
 import json
-import re
 import sys
 import time
 
@@ -20,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from effx import models, ops
-from effx.bench.harness import median_time
+from effx.bench.harness import PeakMemory, median_time
 from effx.offload import Policy
 
 _PROMPT_LENGTHS = (512, 384)  # the random model's batch: ragged on purpose
@@ -39,40 +37,6 @@ _TEXT_PROMPTS = (
     _TEXT * 2 + "Question: why did the market square move? Answer:",
     _TEXT + "In one sentence, the story is about",
 )
-
-
-class _PeakMemory:
-    """Peak memory a block adds over its start: CUDA allocator peak on GPU; on Linux CPUs the
-    growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, None
-
-    @staticmethod
-    def _status(key: str) -> int:
-        return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self.start = self._status("VmRSS")
-            except OSError:
-                self.start = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
-        elif self.start is not None:
-            self.peak = self._status("VmHWM") - self.start
 
 
 # The runner's methods: name -> keyword arguments of generate / teacher_forced_logits (a cache
@@ -109,7 +73,7 @@ def model_rows(model: models.CausalLM, prompts: list[list[int]], new_tokens: int
     methods["offload 50% host/50% disk"] = dict(cache="dense", weights=streamed)
     rows, reference, dense_bytes = [], None, None
     for name, method in tqdm(methods.items(), desc="methods", leave=False, disable=not sys.stderr.isatty()):
-        with _PeakMemory(model.device) as mem:
+        with PeakMemory(model.device) as mem:
             result = models.generate(model, prompts, max_new_tokens=new_tokens, **method)
         if reference is None:
             stream = torch.tensor(result.tokens)
@@ -136,7 +100,7 @@ def _speculation_row(model: models.CausalLM, prompts: list[list[int]], new_token
     short = [p[:min(len(q) for q in prompts)] for p in prompts]
     plain = models.generate(model, short, max_new_tokens=new_tokens)
     draft = models.early_exit_draft(model, 1)
-    with _PeakMemory(model.device) as mem:
+    with PeakMemory(model.device) as mem:
         result = models.generate(model, short, max_new_tokens=new_tokens, draft=draft)
     same = sum(a == b for x, y in zip(result.tokens, plain.tokens) for a, b in zip(x, y)) / plain.new_tokens
     return dict(method="tree speculation", tokens_per_s=result.decode_tokens_per_second, kv_bytes=result.kv_bytes,

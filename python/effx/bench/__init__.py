@@ -4,7 +4,7 @@ Every suite returns :class:`effx.bench.harness.Record` rows measured against the
 own roofs (copy bandwidth, matmul rate) and against the plain-PyTorch way of doing the same.
 """
 
-from effx.bench import h2o, kivi, monarch, offload, quant, sparse, tree
+from effx.bench import e2e, h2o, kivi, monarch, offload, quant, sparse, tree
 
 SUITES = {
     "quant": quant.run,
@@ -14,6 +14,7 @@ SUITES = {
     "sparse": sparse.run,
     "offload": offload.run,
     "tree": tree.run,
+    "e2e": e2e.run,
 }
 
 __all__ = ["SUITES"]

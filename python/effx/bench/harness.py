@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -162,7 +164,75 @@ def git_commit() -> str:
     return "unknown"
 
 
-def write_json(path: str, records: list[Record]) -> None:
+@dataclasses.dataclass
+class Skipped:
+    """A peer that did not run: not importable, not for this device, or it refused the inputs.
+    ``shape`` is the case it refused (empty when it was skipped for the whole suite)."""
+
+    family: str
+    peer: str
+    reason: str
+    shape: dict = dataclasses.field(default_factory=dict)
+
+
+_SKIPPED: list[Skipped] = []
+
+
+def note_skipped(family: str, peer: str, reason: str, shape: dict | None = None) -> None:
+    """Record that ``peer`` did not run (suites return only Records, so notes go here)."""
+    _SKIPPED.append(Skipped(family, peer, reason, dict(shape or {})))
+
+
+def take_skipped() -> list[Skipped]:
+    """The notes recorded since the last call, oldest first."""
+    notes = list(_SKIPPED)
+    _SKIPPED.clear()
+    return notes
+
+
+class PeakMemory:
+    """Peak memory a block adds over its start (``peak`` bytes, None where not measurable).
+
+    CUDA: the allocator's peak. Linux CPU: the growth of the process's peak resident set
+    (VmHWM, reset through /proc/self/clear_refs), which counts every allocation the process
+    touches (torch tensors included, which tracemalloc does not see), not only tensors.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, None
+        self.source = "CUDA allocator peak" if device.type == "cuda" else "process peak RSS growth"
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.start = self._status("VmRSS")
+            except OSError:
+                self.start, self.source = None, None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.start is not None:
+            self.peak = self._status("VmHWM") - self.start
+
+
+def write_json(path: str, records: list[Record], *, skipped: list[Skipped] = (), note: str | None = None) -> None:
+    """Write the records with the roofs they were measured against, the commit and build;
+    ``skipped`` lists the peers that did not run, ``note`` is free text about the run."""
     roofs = {r.roofs.device: dataclasses.asdict(r.roofs) for r in records}
     doc = {
         "effx_version": effx.__version__,
@@ -172,7 +242,10 @@ def write_json(path: str, records: list[Record]) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "roofs": list(roofs.values()),
         "records": [r.to_json() for r in records],
+        "skipped": [dataclasses.asdict(s) for s in skipped],
     }
+    if note:
+        doc["note"] = note
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)

@@ -1,6 +1,10 @@
 """Benchmark suite ``kivi``: one decode step (attention over the cache plus the new token, and
 the append) of KIVI-2/4 and of DenseCache, against PyTorch SDPA on full-precision K/V and
-against the plain-PyTorch way of using a KIVI cache (dequantize everything, then attend)."""
+against the plain-PyTorch way of using a KIVI cache (dequantize everything, then attend).
+
+Peers on the same full-precision K/V are extra baselines of every op: SDPA pinned to each
+backend (``sdpa[math]``, ``sdpa[flash]``, ...), ``flash-attn`` and ``flashinfer`` when
+importable on CUDA (:mod:`effx.bench.peers`; those that cannot run are noted as skipped)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from effx import kv
+from effx.bench import peers
 from effx.bench.harness import Record, measure_roofs, median_time
 
 HKV, HQ, D = 8, 32, 128
@@ -47,8 +52,21 @@ def decode_cases(device: torch.device, quick: bool):
             yield b, t
 
 
+def decode_peers(found: dict, q, k, v, shape: dict, runs: int) -> dict[str, float]:
+    """Median seconds of each peer that runs on this decode case, by peer name."""
+    candidates = peers.sdpa_candidates(q, k, v)
+    if "flash-attn" in found:
+        candidates["flash-attn"] = lambda: peers.flash_attn_decode(found["flash-attn"], q, k, v)
+    if "flashinfer" in found:
+        candidates["flashinfer"] = lambda: peers.flashinfer_decode(found["flashinfer"], q, k, v)
+    reference = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return {name: median_time(call, q.device, runs=runs)
+            for name, call in peers.usable("kivi", candidates, reference, shape).items()}
+
+
 def run(device: torch.device, quick: bool = False) -> list[Record]:
     roofs = measure_roofs(device)
+    found = peers.cuda_peers("kivi", device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     name = str(dtype).replace("torch.", "")
     runs = 30 if device.type == "cuda" else 10
@@ -63,12 +81,14 @@ def run(device: torch.device, quick: bool = False) -> list[Record]:
         kv_fp_bytes = 2 * k.nbytes
         t_sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device, runs=runs)
         shape = {"B": b, "T": t, "Hkv": HKV, "Hq": HQ, "D": D}
+        t_peers = decode_peers(found, q, k, v, shape, runs)
 
         dense = kv.DenseCache(1, b, HKV, D, t + 2 * (runs + 10), dtype=dtype, device=device)
         dense.extend(0, k, v)
         t_dense = median_time(lambda: dense.attend(0, q, k1, v1), device, runs=runs)
-        records.append(Record("kivi", "dense-step", shape, name, roofs.device, t_dense, kv_fp_bytes, 4.0 * b * HQ * t * D,
-                              "sdpa", t_sdpa, roofs))
+        for base, t_base in {"sdpa": t_sdpa, **t_peers}.items():
+            records.append(Record("kivi", "dense-step", shape, name, roofs.device, t_dense, kv_fp_bytes,
+                                  4.0 * b * HQ * t * D, base, t_base, roofs))
         del dense
         for bits in (2, 4):
             cache = kv.KIVICache(1, b, HKV, D, t + 2 * (runs + 10), bits=bits, dtype=dtype, device=device)
@@ -78,9 +98,8 @@ def run(device: torch.device, quick: bool = False) -> list[Record]:
             n = cache.seq_len()
             t_torch = median_time(lambda: torch_dequantize_then_attend(q, cache, n), device, runs=max(3, runs // 3))
             shape_b = dict(shape, bits=bits, nbytes_vs_fp16=round(held / (kv_fp_bytes * 2 / k.element_size()), 4))
-            records.append(Record("kivi", f"kivi{bits}-step", shape_b, name, roofs.device, t_kivi, held,
-                                  4.0 * b * HQ * t * D, "sdpa", t_sdpa, roofs))
-            records.append(Record("kivi", f"kivi{bits}-step", shape_b, name, roofs.device, t_kivi, held,
-                                  4.0 * b * HQ * t * D, "torch deq+sdpa", t_torch, roofs))
+            for base, t_base in {"sdpa": t_sdpa, "torch deq+sdpa": t_torch, **t_peers}.items():
+                records.append(Record("kivi", f"kivi{bits}-step", shape_b, name, roofs.device, t_kivi, held,
+                                      4.0 * b * HQ * t * D, base, t_base, roofs))
             del cache
     return records

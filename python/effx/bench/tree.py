@@ -1,7 +1,11 @@
 """Benchmark suite ``tree``: tree attention (N tree tokens over a P-token prefix, one random
 tree) against a one-token decode attention over the same prefix and against PyTorch SDPA with
 a dense float mask over [N, P + N]; the Sequoia dynamic program at 1024 nodes, depth 32; and
-end-to-end speculative decoding on a small random model against plain decoding."""
+end-to-end speculative decoding on a small random model against plain decoding.
+
+Peers of tree attention on the same masked inputs are extra baselines: SDPA pinned to each
+backend and FlashInfer (custom mask) when importable on CUDA; flash-attn has no arbitrary
+masks, so it is noted as skipped (:mod:`effx.bench.peers`)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from effx import spec
-from effx.bench.harness import Record, measure_roofs, median_time
+from effx.bench import peers
+from effx.bench.harness import Record, measure_roofs, median_time, note_skipped
 
 HKV, HQ, D = 8, 32, 128
 
@@ -43,6 +48,9 @@ def _cases(device: torch.device, quick: bool):
 
 def attention_records(device: torch.device, quick: bool) -> list[Record]:
     roofs = measure_roofs(device)
+    found = peers.cuda_peers("tree", device)
+    if "flash-attn" in found:
+        note_skipped("tree", "flash-attn", "no arbitrary attention mask (a token tree needs one)")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     name = str(dtype).replace("torch.", "")
     runs = 30 if device.type == "cuda" else 5
@@ -72,16 +80,21 @@ def attention_records(device: torch.device, quick: bool) -> list[Record]:
         def sdpa():
             return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
 
+        shape = {"N": n, "P": p, "Hkv": HKV, "Hq": HQ, "D": D}
+        candidates = peers.sdpa_candidates(q, k_all, v_all, mask)
+        if "flashinfer" in found:
+            candidates["flashinfer"] = lambda: peers.flashinfer_tree(found["flashinfer"], q, k_all, v_all, mask == 0)
+        usable = peers.usable("tree", candidates, sdpa(), shape)
+
         t_tree = median_time(tree, device, runs=runs)
         t_decode = median_time(decode, device, runs=runs)
         t_sdpa = median_time(sdpa, device, runs=runs)
+        t_peers = {peer: median_time(call, device, runs=runs) for peer, call in usable.items()}
         nbytes = 2 * kp.nbytes + q.nbytes * 2 + 2 * kt.nbytes
         flops = 4.0 * HQ * n * (p + n) * D
-        shape = {"N": n, "P": p, "Hkv": HKV, "Hq": HQ, "D": D}
-        records.append(Record("tree", "tree-attn", shape, name, roofs.device, t_tree, nbytes, flops,
-                              "sdpa dense mask", t_sdpa, roofs))
-        records.append(Record("tree", "tree-attn", shape, name, roofs.device, t_tree, nbytes, flops,
-                              "1-token decode", t_decode, roofs))
+        for base, t_base in {"sdpa dense mask": t_sdpa, "1-token decode": t_decode, **t_peers}.items():
+            records.append(Record("tree", "tree-attn", shape, name, roofs.device, t_tree, nbytes, flops, base,
+                                  t_base, roofs))
     return records
 
 

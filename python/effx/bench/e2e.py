@@ -1,0 +1,139 @@
+"""Benchmark suite ``e2e``: generation throughput of one model with each effx method against
+batch size and context length, the papers' end-to-end tables.
+
+The model is the demo's (:func:`effx.models.random_model`, random weights: real costs,
+meaningless text) or a checkpoint (``effx bench e2e --model DIR``). Prompts are random token
+ids, all rows of one context length; every row generates the same number of tokens (greedy,
+no stop token). Methods are configured as in ``effx demo``: dense, KIVI-2/4 and H2O 20%
+caches, DejaVu sparse MLP at density 0.5 (predictors trained on two random calibration
+prompts), weights streamed by the offload engine (half host, half disk) and tree speculation
+(a chain of 4 per step drafted by the model's first layer).
+
+Per (method, batch B, context ctx) one record: its time is decode seconds per generated token
+(all rows), so tokens/s = 1 / time_s; the shape carries ``prefill_s``, the KV-cache storage
+allocated (``kv_bytes``; the draft's cache included for speculation) and the peak memory of
+the whole generate call (``peak_bytes``, measured as ``peak_of`` says, see
+:class:`effx.bench.harness.PeakMemory`). The baseline is the dense cache at the same shape:
+speed-up = tokens/s over dense's. Decode time excludes the prefill for every method,
+speculation included (its prompt passes through target and draft are timed apart).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from effx import models, spec
+from effx.bench.harness import PeakMemory, Record, measure_roofs
+from effx.offload import Policy
+
+CHAIN = [-1, 0, 1, 2]  # the runner's default speculation tree: a chain of 4
+
+
+def grid(device: torch.device, quick: bool) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(batch sizes, context lengths, new tokens per row) of a run."""
+    if device.type == "cuda":
+        return ((1, 16), (1024, 4096), 32) if quick else ((1, 16, 64), (1024, 4096, 16384), 64)
+    return ((1, 4), (128, 512), 16) if quick else ((1, 4, 16), (256, 1024, 4096), 32)
+
+
+def load_model(device: torch.device, model_dir: str | None) -> models.CausalLM:
+    if model_dir is None:
+        return models.random_model(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    return models.from_pretrained(model_dir, dtype="auto" if device.type == "cuda" else torch.float32,
+                                  device=device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def speculate(model: models.CausalLM, draft: models.CausalLM, ids: torch.Tensor, new: int) -> dict:
+    """Greedy tree speculation through :func:`effx.spec.generate` (as ``generate(draft=)``
+    runs it) with the first call of target and draft, the prompt's prefill, timed apart."""
+    b, t = ids.shape
+    room = (len(CHAIN) + 1) * (new + 1)
+    cache = models.make_cache(model, "dense", b, t + room, prompt_len=t)
+    draft_cache = draft.new_cache(b, t + room)
+    prefill = [0.0]
+
+    def through(m: models.CausalLM) -> Callable:
+        calls = [0]
+
+        def call(tokens, c, positions, parents=None, lengths=None):
+            calls[0] += 1
+            start = time.perf_counter()
+            out = m(tokens, cache=c, positions=positions, parents=parents, lengths=lengths)
+            if calls[0] == 1:
+                _sync(model.device)
+                prefill[0] += time.perf_counter() - start
+            return out
+        return call
+
+    gen = spec.generate(through(model), through(draft), ids.to(model.device), new, target_cache=cache,
+                        draft_cache=draft_cache, tree=CHAIN)
+    decode = gen.seconds - prefill[0]
+    return dict(tokens_per_s=b * new / decode, prefill_s=prefill[0], kv_bytes=cache.nbytes() + draft_cache.nbytes(),
+                accepted=round(gen.mean_accepted, 2))
+
+
+def _methods(model: models.CausalLM, streamed: models.StreamedWeights, sparse: models.SparseMLPs,
+             draft: models.CausalLM) -> dict[str, Callable[[torch.Tensor, int], dict]]:
+    """Method name -> run(prompt ids [B, ctx], new tokens) -> measurements."""
+    def plain(**method) -> Callable[[torch.Tensor, int], dict]:
+        def run(ids: torch.Tensor, new: int) -> dict:
+            res = models.generate(model, ids, max_new_tokens=new, **method)
+            return dict(tokens_per_s=res.decode_tokens_per_second, prefill_s=res.prefill_seconds,
+                        kv_bytes=res.kv_bytes)
+        return run
+
+    return {
+        "dense": plain(cache="dense"),
+        "kivi2": plain(cache="kivi2"),
+        "kivi4": plain(cache="kivi4"),
+        "h2o-20%": plain(cache="h2o", cache_options=dict(heavy=0.1, recent=0.1)),
+        "sparse-50%": plain(cache="dense", mlp=sparse.modules),
+        "offload": plain(cache="dense", weights=streamed),
+        "tree-spec": lambda ids, new: speculate(model, draft, ids, new),
+    }
+
+
+def run(device: torch.device, quick: bool = False, *, model_dir: str | None = None,
+        batches: tuple[int, ...] | None = None, contexts: tuple[int, ...] | None = None,
+        new_tokens: int | None = None) -> list[Record]:
+    """One record per (method, batch, context); ``batches``/``contexts``/``new_tokens``
+    override the device's grid (tests use a tiny one)."""
+    roofs = measure_roofs(device)
+    default_b, default_ctx, default_new = grid(device, quick)
+    batches, contexts, new = batches or default_b, contexts or default_ctx, new_tokens or default_new
+    model = load_model(device, model_dir)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    calibration = torch.randint(0, vocab, (2, 256), generator=g).tolist()
+    sparse = models.sparse_mlps(model, calibration, density=0.5)
+    draft = models.early_exit_draft(model, 1)
+    dtype = str(model.dtype).replace("torch.", "")
+    records = []
+    with models.StreamedWeights(model, Policy(weights_gpu=0, weights_cpu=50)) as streamed:
+        methods = _methods(model, streamed, sparse, draft)
+        for method in methods.values():  # warm-up: thread pools, first calls, the disk tier's page cache
+            method(torch.randint(0, vocab, (1, 8), generator=g), 2)
+        for b in batches:
+            for ctx in contexts:
+                ids = torch.randint(0, vocab, (b, ctx), generator=g)
+                dense_time = None
+                for name, method in methods.items():
+                    with PeakMemory(device) as mem:
+                        got = method(ids, new)
+                    time_s = 1.0 / got["tokens_per_s"]
+                    dense_time = dense_time or time_s  # dense runs first
+                    shape = dict(B=b, ctx=ctx, new=new, prefill_s=round(got["prefill_s"], 4),
+                                 kv_bytes=got["kv_bytes"], peak_bytes=mem.peak, peak_of=mem.source, model=model.name)
+                    if "accepted" in got:
+                        shape["accepted/step"] = got["accepted"]
+                    records.append(Record("e2e", name, shape, dtype, roofs.device, time_s, 0.0, 0.0, "dense",
+                                          dense_time, roofs))
+    return records
