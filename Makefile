@@ -14,7 +14,7 @@ test: install pytest ctest
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -q "scikit-build-core>=0.10" ninja "cmake>=3.24" numpy "pytest>=7" "hypothesis>=6" \
-		"scipy>=1.9" safetensors tokenizers tqdm "transformers==5.24.0"
+		"scipy>=1.9" safetensors tokenizers tqdm "transformers==5.24.0" matplotlib
 
 install: setup
 	$(PYTHON) -m pip install -q --no-build-isolation .
