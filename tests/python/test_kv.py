@@ -209,6 +209,21 @@ def test_kivi_gqa_dtypes_head_dims(device, dtype, kv_heads, q_heads, head_dim):
     assert max(errs) <= KIVI_TOL[dtype]
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("bits,group_size", [(2, 16), (4, 32), (4, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kivi_decode_on_codes_every_cpu_isa(isa, bits, group_size, dtype, monkeypatch):
+    """Decode computes on the codes (scales and minima folded); every code width per vector,
+    ragged rows, GQA 4, the value residual wrapping around its ring."""
+    monkeypatch.setenv("EFFX_CPU_ISA", isa)
+    torch.manual_seed(12)
+    cache, opts = kivi_cache(2, 2, 64, 400, bits=bits, group_size=group_size, residual=32, dtype=dtype, device="cpu")
+    run = Runner(cache, 2, 2, 8, 64, dtype, "cpu", kivi=opts)
+    errs = [run.step(150, lengths=[150, 109])] + [run.step(1) for _ in range(45)]
+    check_state(cache, run)
+    assert max(errs) <= KIVI_TOL[dtype]
+
+
 @pytest.mark.parametrize("device", ALL_DEVICES)
 def test_kivi_ragged_batch(device):
     torch.manual_seed(7)

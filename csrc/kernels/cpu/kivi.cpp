@@ -69,6 +69,83 @@ struct KiviCached {
       }
     }
   }
+
+  // The decode path computes on the codes (SPECS.md section 2): for keys
+  // q.k_t = sum_d (q_d s_dg) c_dt + sum_d q_d m_dg, so each group's scale folds into the query
+  // and its minimum into one bias per row; for values p_t v_td = (p_t s_tg) c_td + p_t m_tg,
+  // so the scale folds into the probability and the minima gather into one bias per row and
+  // channel group. Scratch: codes of one group or token as floats, then the biases.
+  int64_t fold_scratch(int64_t rows) const { return std::max(k.G, k.D) + rows * k.v_groups; }
+
+  template <typename Ops>
+  [[gnu::always_inline]] inline void fold_scores(int64_t b, int64_t h, int64_t t0, int64_t t1, const float* qs,
+                                                 int64_t rows, float* sc, int64_t ld, float* scratch) const {
+    const int64_t quantized = s.state[b * 3 + 1];
+    const int64_t bh = b * k.H + h;
+    const int32_t* codes = s.k_codes + bh * k.D * k.k_words;
+    const T* scale = static_cast<const T*>(s.k_scale) + bh * k.D * k.k_groups;
+    const T* zero = static_cast<const T*>(s.k_zero) + bh * k.D * k.k_groups;
+    const T* res = static_cast<const T*>(s.k_res) + bh * k.D * k.R;
+    float* cf = scratch;
+    float* bias = scratch + std::max(k.G, k.D);
+    for (int64_t r = 0; r < rows; ++r) std::fill(sc + r * ld, sc + r * ld + (t1 - t0), 0.0f);
+    int64_t t = t0;
+    for (; t < std::min(t1, quantized); t += k.G) {  // whole groups: t0, kq are multiples of G
+      const int64_t g = t / k.G;
+      std::fill(bias, bias + rows, 0.0f);
+      for (int64_t d = 0; d < k.D; ++d) {
+        Ops::template unpack<BITS>(codes + d * k.k_words + t * BITS / 32, k.G, cf);
+        const float sdg = to_float(scale[d * k.k_groups + g]), mdg = to_float(zero[d * k.k_groups + g]);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float qd = qs[r * k.D + d];
+          Ops::axpy(sc + r * ld + (t - t0), cf, qd * sdg, k.G);
+          bias[r] += qd * mdg;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) Ops::add(sc + r * ld + (t - t0), bias[r], k.G);
+    }
+    // The key residual holds [kq, n) in columns t % R = t - kq: one contiguous run.
+    const int64_t count = t1 - t;
+    for (int64_t d = 0; count > 0 && d < k.D; ++d) {
+      const T* run = res + d * k.R + t % k.R;
+      for (int64_t j = 0; j < count; ++j) cf[j] = to_float(run[j]);
+      for (int64_t r = 0; r < rows; ++r) Ops::axpy(sc + r * ld + (t - t0), cf, qs[r * k.D + d], count);
+    }
+  }
+
+  template <typename Ops>
+  [[gnu::always_inline]] inline void fold_values(int64_t b, int64_t h, int64_t t0, int64_t t1, const float* p,
+                                                 int64_t ld, int64_t rows, float* acc, float* scratch) const {
+    const int64_t quantized = s.state[b * 3 + 2];
+    const int64_t bh = b * k.H + h;
+    const int32_t* codes = s.v_codes + bh * k.C * k.v_words;
+    const T* scale = static_cast<const T*>(s.v_scale) + bh * k.C * k.v_groups;
+    const T* zero = static_cast<const T*>(s.v_zero) + bh * k.C * k.v_groups;
+    const T* res = static_cast<const T*>(s.v_res) + bh * k.R * k.D;
+    float* cf = scratch;
+    float* bias = scratch + std::max(k.G, k.D);
+    std::fill(bias, bias + rows * k.v_groups, 0.0f);
+    int64_t t = t0;
+    for (; t < std::min(t1, quantized); ++t) {
+      Ops::template unpack<BITS>(codes + t * k.v_words, k.D, cf);
+      for (int64_t g = 0; g < k.v_groups; ++g) {
+        const float sg = to_float(scale[t * k.v_groups + g]), mg = to_float(zero[t * k.v_groups + g]);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float pt = p[r * ld + (t - t0)];
+          Ops::axpy(acc + r * k.D + g * k.G, cf + g * k.G, pt * sg, k.G);
+          bias[r * k.v_groups + g] += pt * mg;
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t g = 0; g < k.v_groups; ++g) Ops::add(acc + r * k.D + g * k.G, bias[r * k.v_groups + g], k.G);
+    }
+    for (; t < t1; ++t) {  // the value residual: token t in row t % R
+      const T* row = res + (t % k.R) * k.D;
+      for (int64_t d = 0; d < k.D; ++d) cf[d] = to_float(row[d]);
+      for (int64_t r = 0; r < rows; ++r) Ops::axpy(acc + r * k.D, cf, p[r * ld + (t - t0)], k.D);
+    }
+  }
 };
 
 template <typename T, int BITS>
