@@ -32,7 +32,7 @@ def _synthetic(path) -> None:
     ]
     for method, tok_s, peak in (("dense", 100.0, 3 << 20), ("kivi2", 150.0, 2 << 20), ("tree-spec", 50.0, None)):
         for batch in (1, 4):
-            shape = dict(B=batch, ctx=128, new=16, prefill_s=0.1, kv_bytes=1 << 20, peak_bytes=peak,
+            shape = dict(B=batch, ctx=128, new=16, rounds=3, prefill_s=0.1, kv_bytes=1 << 20, peak_bytes=peak,
                          peak_of="process peak RSS growth", model="tiny")
             if method == "tree-spec":
                 shape["accepted/step"] = 1.5
@@ -72,7 +72,7 @@ def test_report_tables_from_synthetic_json(tmp_path):
     assert "| method | B=1, ctx=128 | B=4, ctx=128 |" in md
     assert "| kivi2 | 150.0 (1.50x) | 600.0 (1.50x) |" in md and "| dense | 100.0 (1.00x) | 400.0 (1.00x) |" in md
     assert "| dense | 3.0 | 3.0 |" in md and "| tree-spec | n/a | n/a |" in md and "| kivi2 | 1.0 | 1.0 |" in md
-    assert "B=1 ctx=128: 1.5" in md and "process peak RSS growth" in md
+    assert "B=1 ctx=128: 1.5" in md and "process peak RSS growth" in md and "median of 3 runs" in md
     assert "| attn | flash-attn | not importable (ImportError: no module) | all |" in md
     assert "| attn | sdpa[cudnn] | refused \\| no kernel | B=1, T=64 |" in md
     if HAVE_MPL:
@@ -138,7 +138,7 @@ def test_bench_model_needs_e2e():
 
 
 def test_e2e_rows_for_every_method():
-    records = e2e.run(torch.device("cpu"), batches=(1, 2), contexts=(32,), new_tokens=4)
+    records = e2e.run(torch.device("cpu"), batches=(1, 2), contexts=(32,), new_tokens=4, rounds=1)
     methods = ["dense", "kivi2", "kivi4", "h2o-20%", "sparse-50%", "offload", "tree-spec"]
     assert [r.op for r in records] == methods * 2
     for r in records:

@@ -198,7 +198,8 @@ def _e2e_section(records: list[dict]) -> list[str]:
         first = mine[0]["shape"]
         sources = sorted({str(r["shape"].get("peak_of")) for r in mine})
         lines += [f"Model: {first.get('model', 'unknown')} ({mine[0]['dtype']}) on {device}; "
-                  f"{first.get('new')} new tokens per row, greedy, random prompt ids.", "",
+                  f"{first.get('new')} new tokens per row, greedy, random prompt ids; each cell the median of "
+                  f"{first.get('rounds', 1)} runs, the methods interleaved round by round.", "",
                   "Decode tokens/s (all rows; prefill excluded, speculation included) and speed-up over the dense "
                   "cache at the same shape:", "",
                   _pivot(mine, lambda r: f"{1 / r['time_s']:.1f} ({r['speedup']:.2f}x)"), "",
