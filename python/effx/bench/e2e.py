@@ -10,10 +10,10 @@ prompts), weights streamed by the offload engine (half host, half disk) and tree
 (a chain of 4 per step drafted by the model's first layer).
 
 Per (method, batch B, context ctx) one record, the median of ``rounds`` interleaved runs: its
-time is decode seconds per generated token (all rows), so tokens/s = 1 / time_s; the shape carries ``prefill_s``, the KV-cache storage
-allocated (``kv_bytes``; the draft's cache included for speculation) and the peak memory of
-the whole generate call (``peak_bytes``, measured as ``peak_of`` says, see
-:class:`effx.bench.harness.PeakMemory`). The baseline is the dense cache at the same shape:
+time is decode seconds per generated token (all rows), so tokens/s = 1 / time_s; the shape
+carries ``prefill_s``, the KV-cache storage allocated (``kv_bytes``; the draft's cache
+included for speculation) and the peak memory of the whole generate call (``peak_bytes``,
+measured as ``peak_of`` says, see :class:`effx.bench.harness.PeakMemory`). The baseline is the dense cache at the same shape:
 speed-up = tokens/s over dense's. Decode time excludes the prefill for every method,
 speculation included (its prompt passes through target and draft are timed apart).
 """
@@ -76,8 +76,8 @@ def speculate(model: models.CausalLM, draft: models.CausalLM, ids: torch.Tensor,
     gen = spec.generate(through(model), through(draft), ids.to(model.device), new, target_cache=cache,
                         draft_cache=draft_cache, tree=CHAIN)
     decode = gen.seconds - prefill[0]
-    return dict(tokens_per_s=b * new / decode, prefill_s=prefill[0], kv_bytes=cache.nbytes() + draft_cache.nbytes(),
-                accepted=round(gen.mean_accepted, 2))
+    return dict(tokens_per_s=b * new / decode, prefill_s=prefill[0],
+                kv_bytes=cache.nbytes() + draft_cache.nbytes(), accepted=round(gen.mean_accepted, 2))
 
 
 def _methods(model: models.CausalLM, streamed: models.StreamedWeights, sparse: models.SparseMLPs,

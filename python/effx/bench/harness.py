@@ -17,7 +17,7 @@ import re
 import statistics
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -230,7 +230,8 @@ class PeakMemory:
             self.peak = self._status("VmHWM") - self.start
 
 
-def write_json(path: str, records: list[Record], *, skipped: list[Skipped] = (), note: str | None = None) -> None:
+def write_json(path: str, records: list[Record], *, skipped: Sequence[Skipped] = (),
+               note: str | None = None) -> None:
     """Write the records with the roofs they were measured against, the commit and build;
     ``skipped`` lists the peers that did not run, ``note`` is free text about the run."""
     roofs = {r.roofs.device: dataclasses.asdict(r.roofs) for r in records}
