@@ -13,9 +13,10 @@ Per (method, batch B, context ctx) one record, the median of ``rounds`` interlea
 time is decode seconds per generated token (all rows), so tokens/s = 1 / time_s; the shape
 carries ``prefill_s``, the KV-cache storage allocated (``kv_bytes``; the draft's cache
 included for speculation) and the peak memory of the whole generate call (``peak_bytes``,
-measured as ``peak_of`` says, see :class:`effx.bench.harness.PeakMemory`). The baseline is the dense cache at the same shape:
-speed-up = tokens/s over dense's. Decode time excludes the prefill for every method,
-speculation included (its prompt passes through target and draft are timed apart).
+measured as ``peak_of`` says, see :class:`effx.bench.harness.PeakMemory`). The baseline is
+the dense cache at the same shape: speed-up = tokens/s over dense's. Decode time excludes the
+prefill for every method, speculation included (its prompt passes through target and draft
+are timed apart).
 """
 
 from __future__ import annotations
