@@ -350,7 +350,7 @@ def test_sparse_mlp_and_streamed_weights_plug_in(tiny):
 
 
 def test_generation_bad_inputs(tiny):
-    with pytest.raises(ValueError, match="cache policy must be one of dense, kivi2, kivi4, h2o, got 'kivi3'"):
+    with pytest.raises(ValueError, match="cache policy must be one of dense, kivi2, kivi4, h2o, offload, got 'kivi3'"):
         models.generate(tiny, [[1, 2]], cache="kivi3")
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         models.generate(tiny, [[1, 2], []])
