@@ -14,7 +14,14 @@
 
 namespace {
 
+// Built twice (tests/cpp/CMakeLists.txt): a block of the attention engine (64 tokens) spans
+// groups of 16 and a whole residual; or, with EFFX_TEST_SMALL_HEAD, it is wider than the head
+// (32) and the residual (128) is two blocks: the decode scratch must hold a block's run.
+#ifdef EFFX_TEST_SMALL_HEAD
+constexpr int64_t B = 2, H = 2, HQ = 8, D = 32, R = 128, G = 32, C = 512;
+#else
 constexpr int64_t B = 2, H = 2, HQ = 4, D = 64, R = 32, G = 16, C = 256;
+#endif
 
 struct Layer {
   int bits;

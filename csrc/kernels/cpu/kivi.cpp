@@ -74,8 +74,9 @@ struct KiviCached {
   // q.k_t = sum_d (q_d s_dg) c_dt + sum_d q_d m_dg, so each group's scale folds into the query
   // and its minimum into one bias per row; for values p_t v_td = (p_t s_tg) c_td + p_t m_tg,
   // so the scale folds into the probability and the minima gather into one bias per row and
-  // channel group. Scratch: codes of one group or token as floats, then the biases.
-  int64_t fold_scratch(int64_t rows) const { return std::max(k.G, k.D) + rows * k.v_groups; }
+  // channel group. Scratch: one group, token or residual run as floats, then the biases.
+  int64_t fold_scratch(int64_t rows) const { return run_floats() + rows * k.v_groups; }
+  int64_t run_floats() const { return std::max({k.G, k.D, block()}); }
 
   template <typename Ops>
   [[gnu::always_inline]] inline void fold_scores(int64_t b, int64_t h, int64_t t0, int64_t t1, const float* qs,
@@ -87,7 +88,7 @@ struct KiviCached {
     const T* zero = static_cast<const T*>(s.k_zero) + bh * k.D * k.k_groups;
     const T* res = static_cast<const T*>(s.k_res) + bh * k.D * k.R;
     float* cf = scratch;
-    float* bias = scratch + std::max(k.G, k.D);
+    float* bias = scratch + run_floats();
     for (int64_t r = 0; r < rows; ++r) std::fill(sc + r * ld, sc + r * ld + (t1 - t0), 0.0f);
     int64_t t = t0;
     for (; t < std::min(t1, quantized); t += k.G) {  // whole groups: t0, kq are multiples of G
@@ -123,7 +124,7 @@ struct KiviCached {
     const T* zero = static_cast<const T*>(s.v_zero) + bh * k.C * k.v_groups;
     const T* res = static_cast<const T*>(s.v_res) + bh * k.R * k.D;
     float* cf = scratch;
-    float* bias = scratch + std::max(k.G, k.D);
+    float* bias = scratch + run_floats();
     std::fill(bias, bias + rows * k.v_groups, 0.0f);
     int64_t t = t0;
     for (; t < std::min(t1, quantized); ++t) {
