@@ -1,8 +1,7 @@
 // effx C++ test: the CPU attention engine over a dense cache (include/effx/attention.h),
 // torch-free, against a double-precision softmax: cached blocks read in place and staged
-// blocks, decode rows and many-row units (block GEMM, and bf16 dot products on CPUs that have
-// them), a causal chunk and a token tree, head dims that are not a multiple of the vector
-// width, every storage dtype. Under AddressSanitizer (CI) it also bounds every scratch index.
+// blocks, decode rows and many-row units (block GEMM), a causal chunk and a token tree, head
+// dims that are not a multiple of the vector width, every storage dtype. Under AddressSanitizer (CI) it also bounds every scratch index.
 #include <cmath>
 #include <cstdio>
 #include <random>
