@@ -109,8 +109,8 @@ def run(device: torch.device, quick: bool = False, *, model_dir: str | None = No
     ``rounds`` override the device's grid (tests use a tiny one).
 
     Each cell runs every method ``rounds`` times, the methods interleaved round by round, and
-    keeps the run of median tokens/s: a burst of load from elsewhere then falls on one round
-    of every method instead of on all runs of one.
+    keeps the run of median tokens/s (the faster of two): a burst of load from elsewhere then
+    falls on one round of every method instead of on all runs of one.
     """
     roofs = measure_roofs(device)
     default_b, default_ctx, default_new, default_rounds = grid(device, quick)
