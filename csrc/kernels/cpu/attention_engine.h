@@ -9,8 +9,7 @@
 // Units with many query rows (prefill, token trees, wide GQA groups) run both products
 // (scores = Q K^T, out += P V) through the register-tiled block GEMM of block_gemm.inc; a few
 // rows (decode) use vector loops, where packing the block for the GEMM would cost more than it
-// saves. Plain (dense) storage is read in place (bf16 storage on an AVX512-BF16 CPU through
-// bf16 dot products, bf16_dot.h); other policies stage each block as fp32.
+// saves. Plain (dense) storage is read in place; other policies stage each block as fp32.
 // The engine body is in attention_engine.inc, compiled once per instruction set.
 #pragma once
 
@@ -20,7 +19,6 @@
 #include <limits>
 #include <vector>
 
-#include "bf16_dot.h"
 #include "block_gemm.h"
 #include "effx/attention.h"
 
