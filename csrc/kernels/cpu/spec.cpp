@@ -4,6 +4,7 @@
 #include "effx/spec.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -13,15 +14,34 @@ namespace effx {
 namespace cpu {
 namespace {
 
-// Mass of the probabilities >= tau.
-float mass_at_least(const float* p, int64_t V, float tau) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < V; ++i) s += p[i] >= tau ? p[i] : 0.0f;
-  return s;
+// The largest tau with mass(p >= tau) >= top_p. Positive floats order like their bit patterns,
+// so tau is found on the bits (no sort): one pass sums the mass per bucket of the top 11 bits
+// and picks, from the top, the bucket where the mass reaches top_p; a bisection over the few
+// values of that bucket then settles the low bits. Two passes over the row, not one per bit.
+float top_p_threshold(const float* p, int64_t V, float pmax, float top_p, std::vector<float>& cand) {
+  constexpr int kShift = 20;
+  std::array<float, (1u << (31 - kShift))> bucket_mass{};
+  for (int64_t i = 0; i < V; ++i) bucket_mass[float_bits(p[i]) >> kShift] += p[i];
+  uint32_t b = float_bits(pmax) >> kShift;
+  float above = 0.0f;  // mass of the buckets above b
+  for (; b > 0 && above + bucket_mass[b] < top_p; --b) above += bucket_mass[b];
+  cand.clear();
+  for (int64_t i = 0; i < V; ++i) {
+    if (float_bits(p[i]) >> kShift == b) cand.push_back(p[i]);
+  }
+  uint32_t lo = b << kShift, hi = std::min(float_bits(pmax), ((b + 1) << kShift) - 1);
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
+    const float tau = bits_float(mid);
+    float mass = above;
+    for (float x : cand) mass += x >= tau ? x : 0.0f;
+    if (mass >= top_p) lo = mid; else hi = mid - 1;
+  }
+  return bits_float(lo);
 }
 
 template <typename T>
-void probs_row(const T* x, int64_t V, float temperature, float top_p, float* p) {
+void probs_row(const T* x, int64_t V, float temperature, float top_p, float* p, std::vector<float>& scratch) {
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < V; ++i) mx = std::max(mx, to_float(x[i]));
   float sum = 0.0f;
@@ -35,14 +55,9 @@ void probs_row(const T* x, int64_t V, float temperature, float top_p, float* p) 
     pmax = std::max(pmax, p[i]);
   }
   if (!(top_p < 1.0f)) return;
-  // Positive floats order like their bit patterns, so the largest threshold holding mass >= top_p
-  // is found by bisection on the bits (no sort; the CUDA kernel does the same).
-  uint32_t lo = 0, hi = float_bits(pmax);
-  while (lo < hi) {
-    const uint32_t mid = lo + (hi - lo + 1) / 2;
-    if (mass_at_least(p, V, bits_float(mid)) >= top_p) lo = mid; else hi = mid - 1;
-  }
-  const float tau = bits_float(lo), kept = mass_at_least(p, V, tau);
+  const float tau = top_p_threshold(p, V, pmax, top_p, scratch);
+  float kept = 0.0f;
+  for (int64_t i = 0; i < V; ++i) kept += p[i] >= tau ? p[i] : 0.0f;
   for (int64_t i = 0; i < V; ++i) p[i] = p[i] >= tau ? p[i] / kept : 0.0f;
 }
 
@@ -108,14 +123,19 @@ int64_t draw(const float* p, int64_t V, float u) {
 
 void sampling_probs(const void* logits, DType dtype, int64_t rows, int64_t vocab, float temperature,
                     float top_p, float* probs, int num_threads) {
-#pragma omp parallel for num_threads(std::max(1, num_threads)) schedule(dynamic, 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    float* p = probs + r * vocab;
-    switch (dtype) {
-      case DType::Float32: probs_row(static_cast<const float*>(logits) + r * vocab, vocab, temperature, top_p, p); break;
-      case DType::Float16: probs_row(static_cast<const Half*>(logits) + r * vocab, vocab, temperature, top_p, p); break;
-      case DType::BFloat16: probs_row(static_cast<const BFloat16*>(logits) + r * vocab, vocab, temperature, top_p, p); break;
-      case DType::Float64: break;  // not an activation dtype of this family (the op layer rejects it)
+#pragma omp parallel num_threads(std::max(1, num_threads))
+  {
+    std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* p = probs + r * vocab;
+      const int64_t off = r * vocab;
+      switch (dtype) {
+        case DType::Float32: probs_row(static_cast<const float*>(logits) + off, vocab, temperature, top_p, p, scratch); break;
+        case DType::Float16: probs_row(static_cast<const Half*>(logits) + off, vocab, temperature, top_p, p, scratch); break;
+        case DType::BFloat16: probs_row(static_cast<const BFloat16*>(logits) + off, vocab, temperature, top_p, p, scratch); break;
+        case DType::Float64: break;  // not an activation dtype of this family (the op layer rejects it)
+      }
     }
   }
 }
