@@ -139,7 +139,7 @@ def test_bench_model_needs_e2e():
 
 def test_e2e_rows_for_every_method():
     records = e2e.run(torch.device("cpu"), batches=(1, 2), contexts=(32,), new_tokens=4, rounds=1)
-    methods = ["dense", "kivi2", "kivi4", "h2o-20%", "sparse-50%", "offload", "tree-spec"]
+    methods = ["dense", "kivi2", "kivi4", "h2o-20%", "sparse-50%", "offload", "kv-offload", "tree-spec"]
     assert [r.op for r in records] == methods * 2
     for r in records:
         assert r.family == "e2e" and r.baseline == "dense" and r.time_s > 0 and 1 / r.time_s > 0

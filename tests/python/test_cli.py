@@ -48,8 +48,8 @@ def test_demo_prints_table(tmp_path):
     assert "RANDOM weights" in text
     assert "quantize 2-bit, G=32" in text and "rel. error" in text and "MonarchLinear 16 blocks" in text
     rows = {line.split("  ")[0]: line for line in text.splitlines()}
-    for name in ("dense KV cache", "KIVI-2", "KIVI-4", "H2O 20%", "sparse MLP 50%", "offload 50% host/50% disk",
-                 "tree speculation"):
+    for name in ("dense KV cache", "KIVI-2", "KIVI-4", "H2O 20%", "KV offload 50% host/disk", "sparse MLP 50%",
+                 "offload 50% host/50% disk", "tree speculation"):
         assert "not merged yet" not in rows[name] and "x" in rows[name] and "%" in rows[name]
     doc = {r["method"]: r for r in json.loads(path.read_text())["rows"]}
     dense = doc["dense KV cache"]
@@ -59,5 +59,6 @@ def test_demo_prints_table(tmp_path):
     assert doc["KIVI-2"]["kv_bytes"] < doc["KIVI-4"]["kv_bytes"]
     # offloaded weights and greedy tree speculation change nothing in the outputs
     assert doc["offload 50% host/50% disk"]["top1_agreement"] == 1.0
+    assert doc["KV offload 50% host/disk"]["top1_agreement"] == 1.0 and doc["KV offload 50% host/disk"]["kl_vs_dense"] == 0
     assert doc["tree speculation"]["top1_agreement"] == 1.0 and doc["tree speculation"]["accepted_per_step"] >= 1
     assert doc["sparse MLP 50%"]["kv_bytes"] == dense["kv_bytes"]

@@ -6,8 +6,9 @@ meaningless text) or a checkpoint (``effx bench e2e --model DIR``). Prompts are 
 ids, all rows of one context length; every row generates the same number of tokens (greedy,
 no stop token). Methods are configured as in ``effx demo``: dense, KIVI-2/4 and H2O 20%
 caches, DejaVu sparse MLP at density 0.5 (predictors trained on two random calibration
-prompts), weights streamed by the offload engine (half host, half disk) and tree speculation
-(a chain of 4 per step drafted by the model's first layer).
+prompts), weights streamed by the offload engine (half host, half disk), the KV cache
+offloaded the same way (``kv-offload``: half the layers in the host pool, half on disk) and
+tree speculation (a chain of 4 per step drafted by the model's first layer).
 
 Per (method, batch B, context ctx) one record, the median of ``rounds`` interleaved runs: its
 time is decode seconds per generated token (all rows), so tokens/s = 1 / time_s; the shape
@@ -98,6 +99,7 @@ def _methods(model: models.CausalLM, streamed: models.StreamedWeights, sparse: m
         "h2o-20%": plain(cache="h2o", cache_options=dict(heavy=0.1, recent=0.1)),
         "sparse-50%": plain(cache="dense", mlp=sparse.modules),
         "offload": plain(cache="dense", weights=streamed),
+        "kv-offload": plain(cache="offload", cache_options=dict(cache_gpu=0, cache_cpu=50)),
         "tree-spec": lambda ids, new: speculate(model, draft, ids, new),
     }
 
