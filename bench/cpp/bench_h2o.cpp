@@ -247,13 +247,7 @@ void run_shape(int64_t B, int64_t T, int threads, double roof) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
-  int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--quick") quick = true;
-    if (arg == "--threads" && i + 1 < argc) threads = std::max(1, std::atoi(argv[++i]));
-  }
+  const auto [quick, threads] = effx_bench::parse_options(argc, argv);
   const double roof = effx_bench::host_copy_gbps();
   std::printf("host copy roof: %.1f GB/s, threads: %d\n", roof, threads);
   run_shape(2, 4096, threads, roof);

@@ -172,13 +172,7 @@ void check(const Problem& p, int64_t samples, std::mt19937& rng) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
-  int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--quick") quick = true;
-    if (arg == "--threads" && i + 1 < argc) threads = std::max(1, std::atoi(argv[++i]));
-  }
+  const auto [quick, threads] = effx_bench::parse_options(argc, argv);
   std::mt19937 rng(0);
 
   // Correctness first: an irregular tiny shape (an empty block-row, an unused block-column,

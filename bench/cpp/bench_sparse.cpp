@@ -79,14 +79,7 @@ void check(const char* what, int64_t batch, int64_t d, int64_t k, int64_t rows_p
 }  // namespace
 
 int main(int argc, char** argv) {
-  // --quick: a smaller shape for ctest; --threads N: thread count (default: all cores).
-  bool quick = false;
-  int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--quick") quick = true;
-    if (arg == "--threads" && i + 1 < argc) threads = std::max(1, std::atoi(argv[++i]));
-  }
+  const auto [quick, threads] = effx_bench::parse_options(argc, argv);
   const double roof = effx_bench::host_copy_gbps();
   const int64_t d = quick ? 1024 : 4096, n = quick ? 2752 : 11008;
   std::printf("host copy roof: %.1f GB/s, threads: %d, d %lld, n %lld, bf16\n", roof, threads,

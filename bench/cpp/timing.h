@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -14,6 +15,23 @@
 #endif
 
 namespace effx_bench {
+
+// Command line of the benchmarks: --quick (a smaller shape, for ctest) and --threads N
+// (default: every core).
+struct Options {
+  bool quick = false;
+  int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+};
+
+inline Options parse_options(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--quick") o.quick = true;
+    if (arg == "--threads" && i + 1 < argc) o.threads = std::max(1, std::atoi(argv[++i]));
+  }
+  return o;
+}
 
 template <typename F>
 double median_seconds(F&& f, int warmup = 3, int runs = 15) {
