@@ -50,8 +50,8 @@ class OffloadedCache(KVCache):
 
     ``host_budget`` (bytes) caps the host pool: host-tier layers, the two staging buffers of
     disk-tier layers (one attending, one prefetching) and one open chunk per row of each
-    disk-tier layer; the default is exactly that. ``disk_dir`` holds the disk tier (a temporary directory, removed
-    by :meth:`close`, when not given).
+    disk-tier layer; the default is exactly that. ``disk_dir`` holds the disk tier (a temporary
+    directory, removed by :meth:`close`, when not given).
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, *,

@@ -129,11 +129,11 @@ void sampling_probs(const void* logits, DType dtype, int64_t rows, int64_t vocab
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < rows; ++r) {
       float* p = probs + r * vocab;
-      const int64_t off = r * vocab;
+      auto row = [&](const auto* x) { probs_row(x + r * vocab, vocab, temperature, top_p, p, scratch); };
       switch (dtype) {
-        case DType::Float32: probs_row(static_cast<const float*>(logits) + off, vocab, temperature, top_p, p, scratch); break;
-        case DType::Float16: probs_row(static_cast<const Half*>(logits) + off, vocab, temperature, top_p, p, scratch); break;
-        case DType::BFloat16: probs_row(static_cast<const BFloat16*>(logits) + off, vocab, temperature, top_p, p, scratch); break;
+        case DType::Float32: row(static_cast<const float*>(logits)); break;
+        case DType::Float16: row(static_cast<const Half*>(logits)); break;
+        case DType::BFloat16: row(static_cast<const BFloat16*>(logits)); break;
         case DType::Float64: break;  // not an activation dtype of this family (the op layer rejects it)
       }
     }
