@@ -31,13 +31,28 @@ struct KiviCached {
 
   int64_t block() const { return k.G * std::max<int64_t>(1, 64 / k.G); }
 
+  // Row (b, h)'s storage of keys (codes [D][k_words], scale and zero [D][k_groups], residual
+  // [D][R]) or of values (codes [C][v_words], scale and zero [C][v_groups], residual [R][D]).
+  struct Part {
+    const int32_t* codes;
+    const T* scale;
+    const T* zero;
+    const T* res;
+  };
+  Part keys_of(int64_t b, int64_t h) const {
+    const int64_t bh = b * k.H + h;
+    return {s.k_codes + bh * k.D * k.k_words, static_cast<const T*>(s.k_scale) + bh * k.D * k.k_groups,
+            static_cast<const T*>(s.k_zero) + bh * k.D * k.k_groups, static_cast<const T*>(s.k_res) + bh * k.D * k.R};
+  }
+  Part values_of(int64_t b, int64_t h) const {
+    const int64_t bh = b * k.H + h;
+    return {s.v_codes + bh * k.C * k.v_words, static_cast<const T*>(s.v_scale) + bh * k.C * k.v_groups,
+            static_cast<const T*>(s.v_zero) + bh * k.C * k.v_groups, static_cast<const T*>(s.v_res) + bh * k.R * k.D};
+  }
+
   void keys_t(int64_t b, int64_t h, int64_t t0, int64_t t1, float* kt, int64_t ld) const {
     const int64_t quantized = s.state[b * 3 + 1];
-    const int64_t bh = b * k.H + h;
-    const int32_t* codes = s.k_codes + bh * k.D * k.k_words;
-    const T* scale = static_cast<const T*>(s.k_scale) + bh * k.D * k.k_groups;
-    const T* zero = static_cast<const T*>(s.k_zero) + bh * k.D * k.k_groups;
-    const T* res = static_cast<const T*>(s.k_res) + bh * k.D * k.R;
+    const auto [codes, scale, zero, res] = keys_of(b, h);
     int64_t t = t0;
     for (; t < std::min(t1, quantized); t += k.G) {
       for (int64_t d = 0; d < k.D; ++d) {
@@ -53,11 +68,7 @@ struct KiviCached {
 
   void values(int64_t b, int64_t h, int64_t t0, int64_t t1, float* v) const {
     const int64_t quantized = s.state[b * 3 + 2];
-    const int64_t bh = b * k.H + h;
-    const int32_t* codes = s.v_codes + bh * k.C * k.v_words;
-    const T* scale = static_cast<const T*>(s.v_scale) + bh * k.C * k.v_groups;
-    const T* zero = static_cast<const T*>(s.v_zero) + bh * k.C * k.v_groups;
-    const T* res = static_cast<const T*>(s.v_res) + bh * k.R * k.D;
+    const auto [codes, scale, zero, res] = values_of(b, h);
     for (int64_t t = t0; t < t1; ++t) {
       float* vt = v + (t - t0) * k.D;
       if (t < quantized) {
@@ -82,11 +93,7 @@ struct KiviCached {
   [[gnu::always_inline]] inline void fold_scores(int64_t b, int64_t h, int64_t t0, int64_t t1, const float* qs,
                                                  int64_t rows, float* sc, int64_t ld, float* scratch) const {
     const int64_t quantized = s.state[b * 3 + 1];
-    const int64_t bh = b * k.H + h;
-    const int32_t* codes = s.k_codes + bh * k.D * k.k_words;
-    const T* scale = static_cast<const T*>(s.k_scale) + bh * k.D * k.k_groups;
-    const T* zero = static_cast<const T*>(s.k_zero) + bh * k.D * k.k_groups;
-    const T* res = static_cast<const T*>(s.k_res) + bh * k.D * k.R;
+    const auto [codes, scale, zero, res] = keys_of(b, h);
     float* cf = scratch;
     float* bias = scratch + run_floats();
     for (int64_t r = 0; r < rows; ++r) std::fill(sc + r * ld, sc + r * ld + (t1 - t0), 0.0f);
@@ -118,11 +125,7 @@ struct KiviCached {
   [[gnu::always_inline]] inline void fold_values(int64_t b, int64_t h, int64_t t0, int64_t t1, const float* p,
                                                  int64_t ld, int64_t rows, float* acc, float* scratch) const {
     const int64_t quantized = s.state[b * 3 + 2];
-    const int64_t bh = b * k.H + h;
-    const int32_t* codes = s.v_codes + bh * k.C * k.v_words;
-    const T* scale = static_cast<const T*>(s.v_scale) + bh * k.C * k.v_groups;
-    const T* zero = static_cast<const T*>(s.v_zero) + bh * k.C * k.v_groups;
-    const T* res = static_cast<const T*>(s.v_res) + bh * k.R * k.D;
+    const auto [codes, scale, zero, res] = values_of(b, h);
     float* cf = scratch;
     float* bias = scratch + run_floats();
     std::fill(bias, bias + rows * k.v_groups, 0.0f);
