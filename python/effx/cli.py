@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     g.add_argument("--stop", type=int, action="append", metavar="ID",
                    help="stop token id (repeatable; default: the model's EOS ids)")
-    g.add_argument("--kv", choices=["dense", "kivi2", "kivi4", "h2o", "offload"], default="dense", help="KV-cache policy")
+    g.add_argument("--kv", choices=["dense", "kivi2", "kivi4", "h2o", "offload"], default="dense",
+                   help="KV-cache policy")
     g.add_argument("--kv-offload", metavar="GPU,CPU", help="--kv offload: percent of the KV cache on the GPU and "
                                                          "on the CPU, the rest on disk (default 0,50)")
     g.add_argument("--heavy", type=_budget, help="H2O heavy hitters: tokens or fraction of the prompt (0.1)")

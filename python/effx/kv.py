@@ -139,10 +139,9 @@ class KVCache(abc.ABC):
                 continue
             index = torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], dtype=torch.int64,
                                  device=self.device)
-            path = [torch.gather(t, 2, index[:, None, :, None].expand(-1, t.shape[1], -1, self.head_dim))
-                    for t in (q_tree, k_tree, v_tree)]
             ragged = counts.to(self.device) if (counts != width).any() else None
-            self._commit_path(layer, *path, ragged, counts)
+            self._commit_path(layer, q_tree, index, _tokens_at(k_tree, index), _tokens_at(v_tree, index), ragged,
+                              counts)
             self._host_lengths[layer] += counts
 
     def select_rows(self, index: torch.Tensor | Sequence[int]) -> None:
@@ -185,8 +184,10 @@ class KVCache(abc.ABC):
         """Store the new tokens (``added``: per row, on the host; the base class advances the
         host lengths afterwards)."""
 
-    def _commit_path(self, layer, q_path, k_path, v_path, new_lengths, added):
-        """Store a committed tree path (a chain: each node's ancestors are the nodes before it)."""
+    def _commit_path(self, layer, q_tree, index, k_path, v_path, new_lengths, added):
+        """Store a committed tree path (a chain: each node's ancestors are the nodes before it):
+        the path's K/V, gathered; ``q_tree`` and the path's node ``index`` [B, width] are for
+        policies that score the path's queries."""
         self._append(layer, k_path, v_path, new_lengths, added)
 
     def _attend_and_store(self, layer, q, k_new, v_new, new_lengths, added):
@@ -252,6 +253,11 @@ class KVCache(abc.ABC):
             _fail(name, f"q must have shape [{b}, q_heads, {k_new.shape[2]}, {d}], got {list(q.shape)}")
         if q.shape[1] % h:
             _fail(name, f"q heads ({q.shape[1]}) must be a multiple of kv heads ({h})")
+
+
+def _tokens_at(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t [B, H, T, D] at tokens index [B, n] per row: [B, H, n, D]."""
+    return torch.gather(t, 2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
 
 
 def _store_tokens(pairs, offsets: torch.Tensor, counts: torch.Tensor | int) -> None:
@@ -567,9 +573,9 @@ class H2OCache(KVCache):
         self._evict(layer)
         return torch.cat(outs, 2), torch.cat(lses, 2)
 
-    def _commit_path(self, layer, q_path, k_path, v_path, new_lengths, added):
+    def _commit_path(self, layer, q_tree, index, k_path, v_path, new_lengths, added):
         # The path's queries score as in the step that plain decoding would have made.
-        self._attend_and_store(layer, q_path, k_path, v_path, new_lengths, added)
+        self._attend_and_store(layer, _tokens_at(q_tree, index), k_path, v_path, new_lengths, added)
 
     def _append(self, layer, k_new, v_new, new_lengths, added):
         # Tokens stored without attention (extend): zero scores, then the budget applies.
