@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from effx import kv
+from effx import kv, offload
 from effx.models.llama import CausalLM, LayerWeights
 
 __all__ = ["generate", "GenerationResult", "make_cache", "teacher_forced_logits", "CACHE_POLICIES"]
@@ -59,9 +59,8 @@ def make_cache(model: CausalLM, policy: str, batch_size: int, capacity: int, *, 
         return kv.H2OCache(*shape, min(capacity, budget + min(prefill_chunk, prompt_len)), heavy=heavy,
                            recent=recent, prefill_chunk=prefill_chunk, **where)
     if policy == "offload":
-        from effx.offload import OffloadedCache, Policy
-
-        return OffloadedCache(*shape, capacity, policy=Policy(cache_gpu=cache_gpu, cache_cpu=cache_cpu), **where)
+        tiers = offload.Policy(cache_gpu=cache_gpu, cache_cpu=cache_cpu)
+        return offload.OffloadedCache(*shape, capacity, policy=tiers, **where)
     _fail(f"cache policy must be one of {', '.join(CACHE_POLICIES)}, got {policy!r}")
 
 
