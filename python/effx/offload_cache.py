@@ -101,6 +101,7 @@ class OffloadedCache(KVCache):
         # tier); sealed blobs are counted by the rows that hold them.
         self._k: list[torch.Tensor | None] = [None] * num_layers
         self._v: list[torch.Tensor | None] = [None] * num_layers
+        self._host_kv: list[torch.Tensor | None] = [None] * num_layers  # host tier: K and V, [2, B, H, C, D]
         self._rows: list[list[_RowChunks]] = [[_RowChunks([]) for _ in range(batch_size)] if tier == DISK else []
                                               for tier in self.tiers]
         self._blob_refs: dict[str, int] = {}
@@ -110,9 +111,8 @@ class OffloadedCache(KVCache):
                 self._k[layer] = torch.zeros(self._shape, dtype=dtype, device=self.device)
                 self._v[layer] = torch.zeros(self._shape, dtype=dtype, device=self.device)
             elif tier == HOST:
-                kv = self._host_tensor((2, *self._shape))
-                kv.zero_()
-                self._k[layer], self._v[layer] = kv[0], kv[1]
+                self._host_kv[layer] = self._host_tensor((2, *self._shape)).zero_()
+                self._k[layer], self._v[layer] = self._host_kv[layer]
         self._lengths = [torch.zeros(batch_size, dtype=torch.int64, device=self.device) for _ in range(num_layers)]
 
         # Two staging slots for offloaded layers: [2, B, H, C, D] each, on the compute device.
@@ -214,13 +214,8 @@ class OffloadedCache(KVCache):
         self._record("fetch_begin", layer)
         n = int(self._host_lengths[layer].max())
         dst = self._staging[slot]
-        if self.tiers[layer] == HOST:  # CUDA: host tier -> device
-            with torch.cuda.stream(self._copy_stream):
-                if self._slot_free[slot] is not None:
-                    self._copy_stream.wait_event(self._slot_free[slot])
-                dst[0, :, :, :n].copy_(self._k[layer][:, :, :n], non_blocking=True)
-                dst[1, :, :, :n].copy_(self._v[layer][:, :, :n], non_blocking=True)
-        else:
+        host = self._host_kv[layer]  # host tier (on CUDA): already whole in host memory
+        if host is None:  # disk tier: the rows' chunks into host staging
             host = self._staging_host[slot] if self._staging_host else dst
             ch = self.chunk_tokens
             for b, row in enumerate(self._rows[layer]):
@@ -230,11 +225,11 @@ class OffloadedCache(KVCache):
                 width = int(self._host_lengths[layer][b]) - t0
                 if width > 0:
                     host[:, b, :, t0:t0 + width].copy_(row.open[:, :, :width])
-            if host is not dst:
-                with torch.cuda.stream(self._copy_stream):
-                    if self._slot_free[slot] is not None:
-                        self._copy_stream.wait_event(self._slot_free[slot])
-                    dst[:, :, :, :n].copy_(host[:, :, :, :n], non_blocking=True)
+        if host is not dst:  # CUDA: host -> device once the slot's last reader is done
+            with torch.cuda.stream(self._copy_stream):
+                if self._slot_free[slot] is not None:
+                    self._copy_stream.wait_event(self._slot_free[slot])
+                dst[:, :, :, :n].copy_(host[:, :, :, :n], non_blocking=True)
         if self._copy_stream is not None:
             ready = torch.cuda.Event()
             ready.record(self._copy_stream)
@@ -373,8 +368,7 @@ class OffloadedCache(KVCache):
                         row.open = self._open_chunk()
                         row.open.copy_(opened)
             elif tier == HOST:
-                self._k[layer].copy_(self._k[layer][host_rows])
-                self._v[layer].copy_(self._v[layer][host_rows])
+                self._host_kv[layer].copy_(self._host_kv[layer][:, host_rows])
             else:
                 self._k[layer], self._v[layer] = self._k[layer][rows], self._v[layer][rows]
             self._lengths[layer] = self._lengths[layer][rows]
