@@ -156,9 +156,9 @@ cudaError_t gemm(const GemmView& v, const TA* A, const TB* B, TC* C, cudaStream_
   const dim3 grid(static_cast<unsigned>((v.M + kBM - 1) / kBM),
                   static_cast<unsigned>((v.N + kBN - 1) / kBN), static_cast<unsigned>(v.batch));
   if constexpr (std::is_same<S, float>::value) {
-    gemm_fma_kernel<<<grid, kThreads, 0, stream>>>(v, A, B, C);
+    gemm_fma_kernel<TA, TB, TC><<<grid, kThreads, 0, stream>>>(v, A, B, C);
   } else {
-    gemm_wmma_kernel<S><<<grid, kThreads, 0, stream>>>(v, A, B, C);
+    gemm_wmma_kernel<S, TA, TB, TC><<<grid, kThreads, 0, stream>>>(v, A, B, C);
   }
   return cudaGetLastError();
 }
