@@ -10,27 +10,11 @@
 #include <vector>
 
 #include "check.h"
+#include "cuda_buffers.h"
 #include "effx/quant.h"
 #include "effx/quant_cuda.h"
 
-#define CUDA_OK(expr) EFFX_EXPECT((expr) == cudaSuccess, "%s", cudaGetErrorString(cudaGetLastError()))
-
 namespace {
-
-template <typename T>
-T* to_device(const std::vector<T>& h) {
-  T* d = nullptr;
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d), h.size() * sizeof(T) + 1));
-  CUDA_OK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
-
-template <typename T>
-std::vector<T> to_host(const T* d, size_t n) {
-  std::vector<T> h(n);
-  CUDA_OK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
-  return h;
-}
 
 void compare(int bits, int group_size, int rows, int cols) {
   std::mt19937 rng(99 + bits + group_size);
@@ -71,11 +55,7 @@ void compare(int bits, int group_size, int rows, int cols) {
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("quant_cuda: skipped, no CUDA device\n");
-    return 77;
-  }
+  require_device("quant_cuda");
   for (int bits : {2, 4, 8}) {
     for (int g : {8, 32, 48, 128}) compare(bits, g, 33, g * 7);
   }

@@ -10,27 +10,11 @@
 #include <vector>
 
 #include "check.h"
+#include "cuda_buffers.h"
 #include "effx/sparse.h"
 #include "effx/sparse_cuda.h"
 
-#define CUDA_OK(expr) EFFX_EXPECT((expr) == cudaSuccess, "%s", cudaGetErrorString(cudaGetLastError()))
-
 namespace {
-
-template <typename T>
-T* to_device(const std::vector<T>& h) {
-  T* d = nullptr;
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d), h.size() * sizeof(T) + 16));
-  if (!h.empty()) CUDA_OK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
-
-template <typename T>
-std::vector<T> to_host(const T* d, size_t n) {
-  std::vector<T> h(n);
-  if (n) CUDA_OK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
-  return h;
-}
 
 void compare(int64_t batch, int64_t d, int64_t n, int64_t k, bool per_row, bool gated) {
   std::mt19937 rng(static_cast<unsigned>(batch + d + n + k));
@@ -88,11 +72,7 @@ void compare(int64_t batch, int64_t d, int64_t n, int64_t k, bool per_row, bool 
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("sparse_cuda: skipped, no CUDA device\n");
-    return 77;
-  }
+  require_device("sparse_cuda");
   for (bool per_row : {false, true}) {
     for (bool gated : {false, true}) {
       compare(1, 4096, 2048, 205, per_row, gated);

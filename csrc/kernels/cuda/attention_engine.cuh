@@ -187,13 +187,15 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();
+    // Only the tile's staged rows: the rest of v_s is stale or never written (0 * NaN is NaN).
+    const int staged = static_cast<int>(t1 - t0);
 #pragma unroll
     for (int k = 0; k < kAccPerThread; ++k) {
       const int idx = tid + k * kThreads;
       if (idx < kRows * D) {
         const int r = idx / D, d = idx % D;
         float x = acc[k] * alpha_s[r];
-        for (int j = 0; j < kTile; ++j) x += s_s[r * kTile + j] * v_s[j * D + d];
+        for (int j = 0; j < staged; ++j) x += s_s[r * kTile + j] * v_s[j * D + d];
         acc[k] = x;
       }
     }
