@@ -13,6 +13,13 @@ struct DenseCached {
   long long sb, sh, st;
   int D;
 
+  __device__ const T* key(long long b, long long h, long long t) const { return k + b * sb + h * sh + t * st; }
+  __device__ const T* value(long long b, long long h, long long t) const { return v + b * sb + h * sh + t * st; }
+  bool decodable(const AttentionArgs& a) const {
+    const int64_t strides[3] = {sb, sh, st};
+    return decode::eligible(a, sizeof(T), k, v, strides);
+  }
+
   // Threads walk head_dim fastest: coalesced rows of K and V in global memory.
   __device__ void load(long long b, long long h, long long t0, long long t1, float* kt, int ldk, float* v_s) const {
     const T* kb = k + b * sb + h * sh;

@@ -5,13 +5,17 @@
 // step's new tokens, scores every (row, token) pair, and updates an online softmax (running
 // max and sum per row, rescaled per tile). With several splits, each writes (max, sum, acc)
 // partials and a second kernel merges them with the same rescaling (flash-decoding).
+// One-token decode over a policy that can hand out row pointers takes the register path of
+// attention_decode.cuh instead.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
+#include "attention_decode.cuh"
 #include "dtype.cuh"
 #include "effx/attention.h"
 
@@ -32,11 +36,20 @@ struct AttentionPlan {
   size_t workspace_bytes;
 };
 
-inline AttentionPlan plan_attention(const AttentionArgs& a) {
+inline int multiprocessors() {
   int device = 0, sms = 132;
   if (cudaGetDevice(&device) == cudaSuccess) {
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   }
+  return sms;
+}
+
+inline size_t partial_bytes(const AttentionArgs& a, int splits) {
+  return splits > 1 ? sizeof(float) * splits * a.batch * a.q_heads * a.q_len * (a.head_dim + 2) : 0;
+}
+
+inline AttentionPlan plan_attention(const AttentionArgs& a) {
+  const int sms = multiprocessors();
   AttentionPlan p;
   const long long group = a.q_heads / a.kv_heads;
   p.row_chunks = static_cast<int>((group * a.q_len + kRows - 1) / kRows);
@@ -53,7 +66,9 @@ inline AttentionPlan plan_attention(const AttentionArgs& a) {
   p.smem_bytes = sizeof(float) * (kRows * a.head_dim + a.head_dim * (kTile + 1) + kTile * a.head_dim +
                                    kRows * kTile + 3 * kRows) +
                  sizeof(uint32_t) * kRows * mask_words;
-  p.workspace_bytes = p.splits > 1 ? sizeof(float) * p.splits * a.batch * a.q_heads * a.q_len * (a.head_dim + 2) : 0;
+  // Enough for the decode path's splits too, which the caller cannot tell apart.
+  const size_t engine = partial_bytes(a, p.splits), fast = a.q_len == 1 ? partial_bytes(a, decode::plan(a, sms).splits) : 0;
+  p.workspace_bytes = engine > fast ? engine : fast;
   return p;
 }
 
@@ -253,9 +268,48 @@ __global__ void combine_kernel(AttentionArgs a, int splits, const float* partial
   if (threadIdx.x == 0 && a.lse) a.lse[o] = valid && l > 0.0f ? m + logf(l) : -INFINITY;
 }
 
+// Policies with `key(b, h, t)` / `value(b, h, t)` row pointers (and `decodable(a)`) can take
+// the decode path.
+template <typename C, typename = void>
+struct has_rows : std::false_type {};
+template <typename C>
+struct has_rows<C, std::void_t<decltype(&C::key), decltype(&C::value)>> : std::true_type {};
+
+template <typename T, int ROWS, typename Rows>
+cudaError_t launch_decode(const AttentionArgs& a, const Rows& cached, const decode::Plan& p, float* partial,
+                          cudaStream_t stream) {
+  const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_chunks);
+  switch (a.head_dim) {
+    case 64: decode::decode_kernel<T, ROWS, 8, Rows><<<grid, decode::kThreads, 0, stream>>>(a, cached, p.tokens_per_split, partial); break;
+    case 128: decode::decode_kernel<T, ROWS, 16, Rows><<<grid, decode::kThreads, 0, stream>>>(a, cached, p.tokens_per_split, partial); break;
+    case 256: decode::decode_kernel<T, ROWS, 32, Rows><<<grid, decode::kThreads, 0, stream>>>(a, cached, p.tokens_per_split, partial); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, typename Rows>
+cudaError_t run_decode(const AttentionArgs& a, const Rows& cached, void* workspace, cudaStream_t stream) {
+  const decode::Plan p = decode::plan(a, multiprocessors());
+  float* partial = static_cast<float*>(workspace);
+  cudaError_t err = cudaErrorInvalidValue;
+  switch (p.rows) {
+    case 1: err = launch_decode<T, 1>(a, cached, p, partial, stream); break;
+    case 2: err = launch_decode<T, 2>(a, cached, p, partial, stream); break;
+    case 4: err = launch_decode<T, 4>(a, cached, p, partial, stream); break;
+    case 8: err = launch_decode<T, 8>(a, cached, p, partial, stream); break;
+  }
+  if (err != cudaSuccess || p.splits == 1) return err;
+  combine_kernel<T><<<static_cast<unsigned>(a.batch * a.q_heads), 128, 0, stream>>>(a, p.splits, partial);
+  return cudaGetLastError();
+}
+
 template <typename T, typename Cached>
 cudaError_t run_attention(const AttentionArgs& a, const Cached& cached, void* workspace, cudaStream_t stream) {
   if (a.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
+  if constexpr (has_rows<Cached>::value) {
+    if (cached.decodable(a)) return run_decode<T>(a, cached, workspace, stream);
+  }
   const AttentionPlan p = plan_attention(a);
   auto kernel = attention_kernel<T, Cached>;
   if (p.smem_bytes > 48 * 1024) {

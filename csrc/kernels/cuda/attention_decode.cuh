@@ -1,0 +1,225 @@
+// effx: the CUDA decode path of the cache attention (one query token per row, the case that
+// is bound by reading the cache). A block owns (token split, batch row, kv-head, up to ROWS
+// query heads of the GQA group): the group's queries sit in registers, and each 16-byte
+// vector of a key or value row is loaded once from global memory straight into the registers
+// of one thread, which serves every query head of the group with it. TPT threads cover one
+// token (head_dim = 8 * TPT); the block's 128 / TPT token slots walk their tokens with an
+// online softmax each, then merge in shared memory; splits merge in the engine's combine
+// kernel. No shared-memory staging: the engine's fp32 tiles cost two shared loads per FMA,
+// which caps it well below the memory roof at this arithmetic intensity.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "dtype.cuh"
+#include "effx/attention.h"
+
+namespace effx {
+namespace cuda {
+namespace decode {
+
+constexpr int kThreads = 128;
+constexpr int kVec = 8;      // elements per thread and token: 16 bytes of fp16/bf16
+// Tokens per slot in flight per iteration: fewer for 8 rows, whose queries and accumulators
+// already hold 128 registers.
+template <int ROWS> constexpr int kUnroll = ROWS >= 8 ? 2 : 4;
+constexpr int kMinTokensPerSplit = 256;
+
+// Eight consecutive elements of a row, loaded as one 16-byte vector (two for fp32) and kept
+// packed until used: half the registers of fp32 copies, so more blocks fit per multiprocessor.
+template <typename T>
+struct Vec8 {
+  uint4 raw;
+  __device__ __forceinline__ void load(const T* p) { raw = *reinterpret_cast<const uint4*>(p); }
+  __device__ __forceinline__ void zero() { raw = make_uint4(0u, 0u, 0u, 0u); }
+  __device__ __forceinline__ float operator[](int e) const { return to_float(reinterpret_cast<const T*>(&raw)[e]); }
+};
+template <>
+struct Vec8<float> {
+  float4 lo, hi;
+  __device__ __forceinline__ void load(const float* p) {
+    lo = reinterpret_cast<const float4*>(p)[0];
+    hi = reinterpret_cast<const float4*>(p)[1];
+  }
+  __device__ __forceinline__ void zero() { lo = hi = make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+  __device__ __forceinline__ float operator[](int e) const {
+    const float4& h = e < 4 ? lo : hi;
+    switch (e % 4) {
+      case 0: return h.x;
+      case 1: return h.y;
+      case 2: return h.z;
+      default: return h.w;
+    }
+  }
+};
+
+// Does the decode path take this call, with the cached rows at `cached` (its batch, head and
+// token strides shared by keys and values)? Every row it reads must start 16-byte aligned.
+inline bool eligible(const AttentionArgs& a, int elem_bytes, const void* k, const void* v, const int64_t (&strides)[3]) {
+  const long long D = a.head_dim;
+  if (a.q_len != 1 || a.scores != nullptr) return false;
+  if (D != 64 && D != 128 && D != 256) return false;
+  for (const void* p : {k, v, a.k_new.data, a.v_new.data}) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  const int64_t all[9] = {strides[0], strides[1], strides[2], a.k_new.sb, a.k_new.sh, a.k_new.st,
+                          a.v_new.sb, a.v_new.sh, a.v_new.st};
+  for (const int64_t x : all) {
+    if (x * elem_bytes % 16 != 0) return false;
+  }
+  return true;
+}
+
+struct Plan {
+  int rows;  // query heads per block (1, 2, 4 or 8)
+  int row_chunks;
+  int splits;
+  long long tokens_per_split;
+};
+
+inline Plan plan(const AttentionArgs& a, int sms) {
+  Plan p;
+  const long long group = a.q_heads / a.kv_heads;
+  p.rows = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+  p.row_chunks = static_cast<int>((group + p.rows - 1) / p.rows);
+  const long long units = a.batch * a.kv_heads * p.row_chunks, total = a.max_cached + 1;
+  // Four blocks per multiprocessor fit by registers: aim for that many, never splits shorter
+  // than kMinTokensPerSplit.
+  long long splits = (4LL * sms + units - 1) / units;
+  const long long most = (total + kMinTokensPerSplit - 1) / kMinTokensPerSplit;
+  splits = splits < most ? splits : most;
+  p.splits = static_cast<int>(splits < 1 ? 1 : splits);
+  const long long per = (total + p.splits - 1) / p.splits;
+  p.tokens_per_split = (per + 31) / 32 * 32;
+  return p;
+}
+
+// Rows: a policy with
+//   __device__ const T* key(b, h, t) const, value(b, h, t): pointer to cached row t.
+template <typename T, int ROWS, int TPT, typename Rows>
+__global__ void __launch_bounds__(kThreads)
+    decode_kernel(AttentionArgs a, Rows cached, long long tokens_per_split, float* partial) {
+  constexpr int kSlots = kThreads / TPT;
+  __shared__ float m_s[kSlots][ROWS], l_s[kSlots][ROWS];
+  __shared__ float acc_s[kSlots][ROWS][TPT * kVec];
+  constexpr int D = TPT * kVec;
+  const int tid = threadIdx.x, slot = tid / TPT, d0 = (tid % TPT) * kVec;
+  const int split = blockIdx.x;
+  const long long b = blockIdx.y / a.kv_heads, hk = blockIdx.y % a.kv_heads;
+  const long long group = a.q_heads / a.kv_heads, row0 = static_cast<long long>(blockIdx.z) * ROWS;
+  const long long n = a.lengths[b * a.lengths_stride];
+  const bool live = a.new_lengths == nullptr || a.new_lengths[b] > 0;  // else the row is padding
+  const long long total = live ? n + 1 : 0;
+  const long long begin = split * tokens_per_split;
+  const long long end = begin + tokens_per_split < total ? begin + tokens_per_split : total;
+
+  float q[ROWS][kVec], acc[ROWS][kVec], m[ROWS], l[ROWS];
+  const T* qp = static_cast<const T*>(a.q.data) + b * a.q.sb;
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const bool valid = row0 + r < group;
+    const T* qr = qp + (hk * group + row0 + r) * a.q.sh + d0;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      q[r][e] = valid ? to_float(qr[e]) * a.sm_scale : 0.0f;
+      acc[r][e] = 0.0f;
+    }
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+  }
+  const T* k_new = static_cast<const T*>(a.k_new.data) + b * a.k_new.sb + hk * a.k_new.sh;
+  const T* v_new = static_cast<const T*>(a.v_new.data) + b * a.v_new.sb + hk * a.v_new.sh;
+
+  // The trip count is the block's, not the slot's: every lane reaches every shuffle.
+  for (long long base = begin; base < end; base += kSlots * kUnroll<ROWS>) {
+    Vec8<T> k[kUnroll<ROWS>], v[kUnroll<ROWS>];
+    bool valid[kUnroll<ROWS>];
+#pragma unroll
+    for (int u = 0; u < kUnroll<ROWS>; ++u) {
+      const long long t = base + u * kSlots + slot;
+      valid[u] = t < end;
+      if (valid[u]) {
+        k[u].load((t < n ? cached.key(b, hk, t) : k_new) + d0);
+        v[u].load((t < n ? cached.value(b, hk, t) : v_new) + d0);
+      } else {
+        k[u].zero();
+        v[u].zero();
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      float s[kUnroll<ROWS>];
+#pragma unroll
+      for (int u = 0; u < kUnroll<ROWS>; ++u) {
+        float x = 0.0f;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) x = fmaf(q[r][e], k[u][e], x);
+#pragma unroll
+        for (int o = TPT / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+        s[u] = valid[u] ? x : -INFINITY;
+      }
+      float mx = m[r];
+#pragma unroll
+      for (int u = 0; u < kUnroll<ROWS>; ++u) mx = fmaxf(mx, s[u]);
+      if (mx == -INFINITY) continue;  // nothing seen yet by this slot
+      const float alpha = __expf(m[r] - mx);  // 0 when m[r] is -inf
+      float sum = 0.0f, p[kUnroll<ROWS>];
+#pragma unroll
+      for (int u = 0; u < kUnroll<ROWS>; ++u) sum += (p[u] = __expf(s[u] - mx));
+      l[r] = l[r] * alpha + sum;
+      m[r] = mx;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        float x = acc[r][e] * alpha;
+#pragma unroll
+        for (int u = 0; u < kUnroll<ROWS>; ++u) x = fmaf(p[u], v[u][e], x);
+        acc[r][e] = x;
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    if (d0 == 0) {
+      m_s[slot][r] = m[r];
+      l_s[slot][r] = l[r];
+    }
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc_s[slot][r][d0 + e] = acc[r][e];
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(a.out);
+  for (int idx = tid; idx < ROWS * D; idx += kThreads) {
+    const int r = idx / D, d = idx % D;
+    if (row0 + r >= group) continue;
+    float mx = -INFINITY;
+    for (int s = 0; s < kSlots; ++s) mx = fmaxf(mx, m_s[s][r]);
+    float sum = 0.0f, o = 0.0f;
+    if (mx != -INFINITY) {
+      for (int s = 0; s < kSlots; ++s) {
+        const float w = __expf(m_s[s][r] - mx);
+        sum += l_s[s][r] * w;
+        o += acc_s[s][r][d] * w;
+      }
+    }
+    const long long row = b * a.q_heads + hk * group + row0 + r;  // q_len is 1
+    if (gridDim.x == 1) {
+      out[row * D + d] = from_float<T>(sum > 0.0f ? o / sum : 0.0f);
+      if (d == 0 && a.lse) a.lse[row] = sum > 0.0f ? mx + logf(sum) : -INFINITY;
+    } else {
+      float* part = partial + (split * a.batch * a.q_heads + row) * (D + 2);
+      part[d] = o;
+      if (d == 0) {
+        part[D] = mx;
+        part[D + 1] = sum;
+      }
+    }
+  }
+}
+
+}  // namespace decode
+}  // namespace cuda
+}  // namespace effx
