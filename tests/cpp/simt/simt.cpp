@@ -2,8 +2,6 @@
 // cuda_runtime_api.h.
 #include "simt.h"
 
-#include <ucontext.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -18,6 +16,35 @@
 uint3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
 
+// A fiber switch: save the callee-saved registers on this stack, store its pointer in *from,
+// load `to` and pop the next fiber's registers (x86-64 System V; ucontext's swapcontext also
+// swaps the signal mask, a system call per switch that made the emulator five times slower).
+extern "C" void effx_simt_switch(void** from, void* to);
+asm(R"(
+  .text
+  .globl effx_simt_switch
+  .type effx_simt_switch, @function
+effx_simt_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size effx_simt_switch, .-effx_simt_switch
+  .section .note.GNU-stack, "", @progbits
+  .text
+)");
+
 namespace effx {
 namespace simt {
 namespace {
@@ -31,7 +58,7 @@ struct Barrier {
 };
 
 struct Fiber {
-  ucontext_t context;
+  void* sp = nullptr;  // saved stack pointer while switched out
   std::unique_ptr<char[]> stack;
   uint3 tid;
   unsigned linear = 0;
@@ -42,7 +69,7 @@ struct Fiber {
 
 struct Scheduler {
   std::vector<Fiber> fibers;
-  ucontext_t main;
+  void* main_sp = nullptr;
   unsigned current = 0, alive = 0;
   const std::function<void()>* body = nullptr;
   Barrier block;
@@ -69,10 +96,24 @@ Scheduler& sched() {
   std::abort();
 }
 
-void entry() {
+[[noreturn]] void entry() {
   Scheduler& s = sched();
   (*s.body)();
-  s.fibers[s.current].done = true;  // uc_link returns to the scheduler
+  Fiber& f = s.fibers[s.current];
+  f.done = true;
+  effx_simt_switch(&f.sp, s.main_sp);
+  std::abort();  // a finished fiber is never resumed
+}
+
+// A fresh stack whose first switch "returns" into entry() with the ABI's alignment: six zero
+// registers, then entry's address, then a slot for entry's own (never used) return address.
+void* fresh_stack(char* stack) {
+  const uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + kStackBytes) & ~static_cast<uintptr_t>(15);
+  void** sp = reinterpret_cast<void**>(top - 64);
+  for (int i = 0; i < 6; ++i) sp[i] = nullptr;
+  sp[6] = reinterpret_cast<void*>(&entry);
+  sp[7] = nullptr;
+  return sp;
 }
 
 // The calling fiber arrives; the last of `expected` releases the others.
@@ -87,7 +128,7 @@ void arrive(Barrier& b, unsigned expected) {
   Fiber& f = s.fibers[s.current];
   f.waits_on = &b.generation;
   f.waits_for = generation;
-  swapcontext(&f.context, &s.main);
+  effx_simt_switch(&f.sp, s.main_sp);
 }
 
 unsigned popcount(unsigned x) { return static_cast<unsigned>(__builtin_popcount(x)); }
@@ -113,11 +154,7 @@ void run_block(unsigned threads) {
     f.tid = uint3{t % blockDim.x, t / blockDim.x % blockDim.y, t / (blockDim.x * blockDim.y)};
     f.done = false;
     f.waits_on = nullptr;
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = f.stack.get();
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = &s.main;
-    makecontext(&f.context, entry, 0);
+    f.sp = fresh_stack(f.stack.get());
     s.warp_live[t / 32] |= 1u << (t % 32);
   }
   // Shared memory starts as garbage (NaN patterns), as it may on a GPU.
@@ -133,7 +170,7 @@ void run_block(unsigned threads) {
       f.waits_on = nullptr;
       s.current = t;
       threadIdx = f.tid;
-      swapcontext(&s.main, &f.context);
+      effx_simt_switch(&s.main_sp, f.sp);
       progressed = true;
       if (f.done) {
         --s.alive;
