@@ -32,6 +32,13 @@ cd "$root"
   -C cmake.define.CUDAToolkit_ROOT="$CUDA_HOME" . 2>&1 | tee build/ci-cuda.log | grep -E "effx:|error|Successfully" || true
 grep -q "Successfully installed effx" build/ci-cuda.log
 
+# The C++ tests of the CUDA kernels build only where there is a GPU (they run on the SIMT
+# emulator in ctest here): check that they compile against the real toolkit headers.
+for test in tests/cpp/test_*_cuda.cpp; do
+  g++ -std=c++20 -fsyntax-only -Iinclude -Itests/cpp -I"$CUDA_HOME/include" "$test"
+done
+echo "effx CUDA build: the CUDA C++ tests compile against the toolkit headers"
+
 # The kernels must be in the binary for both archs.
 so=$(find build/ci-cuda -name '_C*.so' | head -n 1)
 elves=$("$CUDA_HOME/bin/cuobjdump" --list-elf "$so")

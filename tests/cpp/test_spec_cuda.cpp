@@ -4,6 +4,7 @@
 // probabilities (fp32 and bf16 logits, vocabularies that are no multiple of the block).
 // Runs on a GPU, or on the SIMT emulator (test_spec_simt); exits 77 (ctest: skipped) when
 // neither is there.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
