@@ -14,6 +14,10 @@ namespace cuda {
 
 size_t attention_workspace_bytes(const AttentionArgs& a);
 
+// With a.scores set (H2O), dense_attention accumulates them in the same pass when this says
+// so (one-token decode with a.lse set and 16-byte aligned rows), and fails otherwise.
+bool dense_attention_scores(const AttentionArgs& a, const DenseKV& kv, DType dtype);
+
 cudaError_t dense_attention(const AttentionArgs& a, const DenseKV& kv, DType dtype, void* workspace,
                             cudaStream_t stream);
 

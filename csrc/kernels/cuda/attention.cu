@@ -44,6 +44,11 @@ cudaError_t dense_typed(const AttentionArgs& a, const DenseKV& kv, void* workspa
 
 size_t attention_workspace_bytes(const AttentionArgs& a) { return plan_attention(a).workspace_bytes; }
 
+bool dense_attention_scores(const AttentionArgs& a, const DenseKV& kv, DType dtype) {
+  const int64_t strides[3] = {kv.sb, kv.sh, kv.st};
+  return a.scores != nullptr && decode::eligible(a, dtype_size(dtype), kv.k, kv.v, strides);
+}
+
 cudaError_t dense_attention(const AttentionArgs& a, const DenseKV& kv, DType dtype, void* workspace,
                             cudaStream_t stream) {
   switch (dtype) {

@@ -7,6 +7,10 @@
 // online softmax each, then merge in shared memory; splits merge in the engine's combine
 // kernel. No shared-memory staging: the engine's fp32 tiles cost two shared loads per FMA,
 // which caps it well below the memory roof at this arithmetic intensity.
+// H2O scoring rides along: the kernel writes each (query head, token) score to a workspace
+// row and a last kernel, once the LSE is known, adds exp(score - lse) over the group to the
+// token's accumulated score. That is 4 bytes per head and token written and read again, where
+// the separate scoring pass of h2o.cu re-reads every key.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -60,7 +64,7 @@ struct Vec8<float> {
 // token strides shared by keys and values)? Every row it reads must start 16-byte aligned.
 inline bool eligible(const AttentionArgs& a, int elem_bytes, const void* k, const void* v, const int64_t (&strides)[3]) {
   const long long D = a.head_dim;
-  if (a.q_len != 1 || a.scores != nullptr) return false;
+  if (a.q_len != 1 || (a.scores != nullptr && a.lse == nullptr)) return false;
   if (D != 64 && D != 128 && D != 256) return false;
   for (const void* p : {k, v, a.k_new.data, a.v_new.data}) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
@@ -78,7 +82,13 @@ struct Plan {
   int row_chunks;
   int splits;
   long long tokens_per_split;
+  long long raw_stride;  // floats per query head in the raw-score workspace (scoring only)
 };
+
+// Workspace: the splits' partials, then (scoring) the raw scores [B, Hq, raw_stride].
+inline size_t raw_scores_bytes(const AttentionArgs& a) {
+  return a.scores ? sizeof(float) * a.batch * a.q_heads * (a.max_cached + 1) : 0;
+}
 
 inline Plan plan(const AttentionArgs& a, int sms) {
   Plan p;
@@ -94,6 +104,7 @@ inline Plan plan(const AttentionArgs& a, int sms) {
   p.splits = static_cast<int>(splits < 1 ? 1 : splits);
   const long long per = (total + p.splits - 1) / p.splits;
   p.tokens_per_split = (per + 31) / 32 * 32;
+  p.raw_stride = a.max_cached + 1;
   return p;
 }
 
@@ -101,7 +112,8 @@ inline Plan plan(const AttentionArgs& a, int sms) {
 //   __device__ const T* key(b, h, t) const, value(b, h, t): pointer to cached row t.
 template <typename T, int ROWS, int TPT, typename Rows>
 __global__ void __launch_bounds__(kThreads)
-    decode_kernel(AttentionArgs a, Rows cached, long long tokens_per_split, float* partial) {
+    decode_kernel(AttentionArgs a, Rows cached, long long tokens_per_split, float* partial, float* raw,
+                  long long raw_stride) {
   constexpr int kSlots = kThreads / TPT;
   __shared__ float m_s[kSlots][ROWS], l_s[kSlots][ROWS];
   __shared__ float acc_s[kSlots][ROWS][TPT * kVec];
@@ -160,6 +172,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int o = TPT / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
         s[u] = valid[u] ? x : -INFINITY;
+        if (raw && valid[u] && d0 == 0 && row0 + r < group) {
+          raw[(b * a.q_heads + hk * group + row0 + r) * raw_stride + base + u * kSlots + slot] = x;
+        }
       }
       float mx = m[r];
 #pragma unroll
@@ -218,6 +233,25 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+}
+
+// scores[b, h, t] gains (cached t) or is set to (the new token) the sum over the group of
+// exp(raw - lse): the token's attention probability from each query head.
+// (A template so that every CUDA source may include this header.)
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS) scores_kernel(AttentionArgs a, const float* raw, long long raw_stride) {
+  const long long t = blockIdx.x * static_cast<long long>(THREADS) + threadIdx.x;
+  const long long b = blockIdx.y / a.kv_heads, hk = blockIdx.y % a.kv_heads;
+  const long long n = a.lengths[b * a.lengths_stride], group = a.q_heads / a.kv_heads;
+  const bool live = a.new_lengths == nullptr || a.new_lengths[b] > 0;
+  if (!live || t > n) return;
+  float sum = 0.0f;
+  for (long long r = 0; r < group; ++r) {
+    const long long row = b * a.q_heads + hk * group + r;
+    sum += __expf(raw[row * raw_stride + t] - a.lse[row]);
+  }
+  float* sc = a.scores + b * a.scores_sb + hk * a.scores_sh;
+  sc[t] = t < n ? sc[t] + sum : sum;
 }
 
 }  // namespace decode

@@ -66,8 +66,9 @@ inline AttentionPlan plan_attention(const AttentionArgs& a) {
   p.smem_bytes = sizeof(float) * (kRows * a.head_dim + a.head_dim * (kTile + 1) + kTile * a.head_dim +
                                    kRows * kTile + 3 * kRows) +
                  sizeof(uint32_t) * kRows * mask_words;
-  // Enough for the decode path's splits too, which the caller cannot tell apart.
-  const size_t engine = partial_bytes(a, p.splits), fast = a.q_len == 1 ? partial_bytes(a, decode::plan(a, sms).splits) : 0;
+  // Enough for the decode path too, which the caller cannot tell apart.
+  const size_t engine = partial_bytes(a, p.splits),
+               fast = a.q_len == 1 ? partial_bytes(a, decode::plan(a, sms).splits) + decode::raw_scores_bytes(a) : 0;
   p.workspace_bytes = engine > fast ? engine : fast;
   return p;
 }
@@ -277,12 +278,13 @@ struct has_rows<C, std::void_t<decltype(&C::key), decltype(&C::value)>> : std::t
 
 template <typename T, int ROWS, typename Rows>
 cudaError_t launch_decode(const AttentionArgs& a, const Rows& cached, const decode::Plan& p, float* partial,
-                          cudaStream_t stream) {
+                          float* raw, cudaStream_t stream) {
   const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_chunks);
+  const long long per = p.tokens_per_split, rs = p.raw_stride;
   switch (a.head_dim) {
-    case 64: decode::decode_kernel<T, ROWS, 8, Rows><<<grid, decode::kThreads, 0, stream>>>(a, cached, p.tokens_per_split, partial); break;
-    case 128: decode::decode_kernel<T, ROWS, 16, Rows><<<grid, decode::kThreads, 0, stream>>>(a, cached, p.tokens_per_split, partial); break;
-    case 256: decode::decode_kernel<T, ROWS, 32, Rows><<<grid, decode::kThreads, 0, stream>>>(a, cached, p.tokens_per_split, partial); break;
+    case 64: decode::decode_kernel<T, ROWS, 8, Rows><<<grid, decode::kThreads, 0, stream>>>(a, cached, per, partial, raw, rs); break;
+    case 128: decode::decode_kernel<T, ROWS, 16, Rows><<<grid, decode::kThreads, 0, stream>>>(a, cached, per, partial, raw, rs); break;
+    case 256: decode::decode_kernel<T, ROWS, 32, Rows><<<grid, decode::kThreads, 0, stream>>>(a, cached, per, partial, raw, rs); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -292,24 +294,34 @@ template <typename T, typename Rows>
 cudaError_t run_decode(const AttentionArgs& a, const Rows& cached, void* workspace, cudaStream_t stream) {
   const decode::Plan p = decode::plan(a, multiprocessors());
   float* partial = static_cast<float*>(workspace);
+  float* raw = a.scores ? reinterpret_cast<float*>(static_cast<char*>(workspace) + partial_bytes(a, p.splits)) : nullptr;
   cudaError_t err = cudaErrorInvalidValue;
   switch (p.rows) {
-    case 1: err = launch_decode<T, 1>(a, cached, p, partial, stream); break;
-    case 2: err = launch_decode<T, 2>(a, cached, p, partial, stream); break;
-    case 4: err = launch_decode<T, 4>(a, cached, p, partial, stream); break;
-    case 8: err = launch_decode<T, 8>(a, cached, p, partial, stream); break;
+    case 1: err = launch_decode<T, 1>(a, cached, p, partial, raw, stream); break;
+    case 2: err = launch_decode<T, 2>(a, cached, p, partial, raw, stream); break;
+    case 4: err = launch_decode<T, 4>(a, cached, p, partial, raw, stream); break;
+    case 8: err = launch_decode<T, 8>(a, cached, p, partial, raw, stream); break;
   }
-  if (err != cudaSuccess || p.splits == 1) return err;
-  combine_kernel<T><<<static_cast<unsigned>(a.batch * a.q_heads), 128, 0, stream>>>(a, p.splits, partial);
+  if (err != cudaSuccess) return err;
+  if (p.splits > 1) {
+    combine_kernel<T><<<static_cast<unsigned>(a.batch * a.q_heads), 128, 0, stream>>>(a, p.splits, partial);
+  }
+  if (raw) {
+    const dim3 grid(static_cast<unsigned>((a.max_cached + 1 + 255) / 256), static_cast<unsigned>(a.batch * a.kv_heads));
+    decode::scores_kernel<256><<<grid, 256, 0, stream>>>(a, raw, p.raw_stride);
+  }
   return cudaGetLastError();
 }
 
+// H2O scores (a.scores) are accumulated by the decode path only; elsewhere the caller runs
+// its own scoring pass (h2o.cu), and a call with scores set is an error.
 template <typename T, typename Cached>
 cudaError_t run_attention(const AttentionArgs& a, const Cached& cached, void* workspace, cudaStream_t stream) {
   if (a.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
   if constexpr (has_rows<Cached>::value) {
     if (cached.decodable(a)) return run_decode<T>(a, cached, workspace, stream);
   }
+  if (a.scores) return cudaErrorInvalidValue;
   const AttentionPlan p = plan_attention(a);
   auto kernel = attention_kernel<T, Cached>;
   if (p.smem_bytes > 48 * 1024) {

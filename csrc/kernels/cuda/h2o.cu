@@ -1,5 +1,6 @@
 // effx family: H2O, CUDA kernels (storage layout in include/effx/h2o.h): the score pass that
-// follows the dense cache attention, and eviction with slot reuse.
+// follows the dense cache attention where it cannot score in the same pass (prefill chunks,
+// trees; decode scores inside the attention), and eviction with slot reuse.
 #include <cstdint>
 
 #include "dtype.cuh"
@@ -218,6 +219,7 @@ cudaError_t evict_typed(const H2OStorage& s, int64_t heavy, int64_t recent, void
 cudaError_t h2o_attention(const AttentionArgs& a, const DenseKV& kv, DType dtype, void* workspace,
                           cudaStream_t stream) {
   if (a.lse == nullptr || a.scores == nullptr) return cudaErrorInvalidValue;
+  if (dense_attention_scores(a, kv, dtype)) return dense_attention(a, kv, dtype, workspace, stream);
   AttentionArgs plain = a;
   plain.scores = nullptr;
   cudaError_t err = dense_attention(plain, kv, dtype, workspace, stream);
