@@ -3,7 +3,7 @@
 // KIVI append against the CPU append. Decode rows with GQA groups 1, 4 and 8, causal chunks,
 // token trees, ragged rows with padded new tokens, contexts long enough to split across
 // blocks, the LSE output, every storage dtype, head dims 64 and 128 and one that is no
-// multiple of 8. Runs on a GPU, or on the SIMT emulator (test_attention_simt); exits 77
+// multiple of 8: so the decode path, the tensor-core path and the fp32 engine all run. Runs on a GPU, or on the SIMT emulator (test_attention_simt); exits 77
 // (ctest: skipped) when neither is there.
 #include <algorithm>
 #include <cmath>
@@ -315,6 +315,8 @@ void all_cases(DType dtype) {
       {2, 2, 8, 128, 400, 5, {300, 90}, false, true},       // causal chunk, padded row
       {2, 2, 8, 40, 200, 3, {150, 7}, false, false},        // head dim no multiple of 8
       {1, 2, 8, 64, 800, 13, {700}, true, false},           // token tree
+      {1, 2, 8, 128, 500, 40, {450}, true, false},          // a tree over several row blocks
+      {2, 4, 4, 64, 600, 33, {520, 100}, false, true},      // group 1 chunk, padded row
   };
   for (const Shape& s : shapes) {
     dense<T>(dtype, s, false);

@@ -15,9 +15,9 @@ struct DenseCached {
 
   __device__ const T* key(long long b, long long h, long long t) const { return k + b * sb + h * sh + t * st; }
   __device__ const T* value(long long b, long long h, long long t) const { return v + b * sb + h * sh + t * st; }
-  bool decodable(const AttentionArgs& a) const {
+  bool rows_aligned(const AttentionArgs& a) const {
     const int64_t strides[3] = {sb, sh, st};
-    return decode::eligible(a, sizeof(T), k, v, strides);
+    return decode::rows_aligned(a, sizeof(T), k, v, strides);
   }
 
   // Threads walk head_dim fastest: coalesced rows of K and V in global memory.
@@ -46,7 +46,7 @@ size_t attention_workspace_bytes(const AttentionArgs& a) { return plan_attention
 
 bool dense_attention_scores(const AttentionArgs& a, const DenseKV& kv, DType dtype) {
   const int64_t strides[3] = {kv.sb, kv.sh, kv.st};
-  return a.scores != nullptr && decode::eligible(a, dtype_size(dtype), kv.k, kv.v, strides);
+  return a.scores != nullptr && decode::eligible(a, decode::rows_aligned(a, dtype_size(dtype), kv.k, kv.v, strides));
 }
 
 cudaError_t dense_attention(const AttentionArgs& a, const DenseKV& kv, DType dtype, void* workspace,

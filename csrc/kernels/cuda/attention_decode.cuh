@@ -60,12 +60,10 @@ struct Vec8<float> {
   }
 };
 
-// Does the decode path take this call, with the cached rows at `cached` (its batch, head and
-// token strides shared by keys and values)? Every row it reads must start 16-byte aligned.
-inline bool eligible(const AttentionArgs& a, int elem_bytes, const void* k, const void* v, const int64_t (&strides)[3]) {
-  const long long D = a.head_dim;
-  if (a.q_len != 1 || (a.scores != nullptr && a.lse == nullptr)) return false;
-  if (D != 64 && D != 128 && D != 256) return false;
+// Do the rows the fast paths read (cached rows at k, v with batch, head and token strides
+// shared by keys and values, and the new tokens) all start 16-byte aligned?
+inline bool rows_aligned(const AttentionArgs& a, int elem_bytes, const void* k, const void* v,
+                         const int64_t (&strides)[3]) {
   for (const void* p : {k, v, a.k_new.data, a.v_new.data}) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   }
@@ -75,6 +73,12 @@ inline bool eligible(const AttentionArgs& a, int elem_bytes, const void* k, cons
     if (x * elem_bytes % 16 != 0) return false;
   }
   return true;
+}
+
+// Does the decode path take this call? (Scoring needs the LSE.)
+inline bool eligible(const AttentionArgs& a, bool aligned) {
+  const long long D = a.head_dim;
+  return aligned && a.q_len == 1 && (a.scores == nullptr || a.lse != nullptr) && (D == 64 || D == 128 || D == 256);
 }
 
 struct Plan {

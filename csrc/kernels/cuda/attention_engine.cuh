@@ -5,8 +5,9 @@
 // step's new tokens, scores every (row, token) pair, and updates an online softmax (running
 // max and sum per row, rescaled per tile). With several splits, each writes (max, sum, acc)
 // partials and a second kernel merges them with the same rescaling (flash-decoding).
-// One-token decode over a policy that can hand out row pointers takes the register path of
-// attention_decode.cuh instead.
+// Over a policy that can hand out row pointers, one-token decode takes the register path of
+// attention_decode.cuh instead, and fp16/bf16 calls with more rows the tensor-core path of
+// attention_mma.cuh.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -16,6 +17,7 @@
 #include <type_traits>
 
 #include "attention_decode.cuh"
+#include "attention_mma.cuh"
 #include "dtype.cuh"
 #include "effx/attention.h"
 
@@ -66,10 +68,12 @@ inline AttentionPlan plan_attention(const AttentionArgs& a) {
   p.smem_bytes = sizeof(float) * (kRows * a.head_dim + a.head_dim * (kTile + 1) + kTile * a.head_dim +
                                    kRows * kTile + 3 * kRows) +
                  sizeof(uint32_t) * kRows * mask_words;
-  // Enough for the decode path too, which the caller cannot tell apart.
+  // Enough for the fast paths too, which the caller cannot tell apart.
   const size_t engine = partial_bytes(a, p.splits),
-               fast = a.q_len == 1 ? partial_bytes(a, decode::plan(a, sms).splits) + decode::raw_scores_bytes(a) : 0;
+               fast = a.q_len == 1 ? partial_bytes(a, decode::plan(a, sms).splits) + decode::raw_scores_bytes(a) : 0,
+               tensor = partial_bytes(a, mma::plan<64>(a, sms).splits);
   p.workspace_bytes = engine > fast ? engine : fast;
+  p.workspace_bytes = p.workspace_bytes > tensor ? p.workspace_bytes : tensor;
   return p;
 }
 
@@ -269,8 +273,8 @@ __global__ void combine_kernel(AttentionArgs a, int splits, const float* partial
   if (threadIdx.x == 0 && a.lse) a.lse[o] = valid && l > 0.0f ? m + logf(l) : -INFINITY;
 }
 
-// Policies with `key(b, h, t)` / `value(b, h, t)` row pointers (and `decodable(a)`) can take
-// the decode path.
+// Policies with `key(b, h, t)` / `value(b, h, t)` row pointers (and `rows_aligned(a)`) can
+// take the fast paths.
 template <typename C, typename = void>
 struct has_rows : std::false_type {};
 template <typename C>
@@ -315,11 +319,34 @@ cudaError_t run_decode(const AttentionArgs& a, const Rows& cached, void* workspa
 
 // H2O scores (a.scores) are accumulated by the decode path only; elsewhere the caller runs
 // its own scoring pass (h2o.cu), and a call with scores set is an error.
+template <typename T, int D, typename Rows>
+cudaError_t run_mma_dim(const AttentionArgs& a, const Rows& cached, void* workspace, cudaStream_t stream) {
+  const mma::Plan p = mma::plan<D>(a, multiprocessors());
+  auto kernel = mma::mma_kernel<T, D, Rows>;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_blocks);
+  float* partial = static_cast<float*>(workspace);
+  kernel<<<grid, mma::kThreads, p.smem_bytes, stream>>>(a, cached, p.tokens_per_split, p.mask_words, partial);
+  if (p.splits > 1) {
+    combine_kernel<T><<<static_cast<unsigned>(a.batch * a.q_heads * a.q_len), 128, 0, stream>>>(a, p.splits, partial);
+  }
+  return cudaGetLastError();
+}
+
 template <typename T, typename Cached>
 cudaError_t run_attention(const AttentionArgs& a, const Cached& cached, void* workspace, cudaStream_t stream) {
   if (a.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
   if constexpr (has_rows<Cached>::value) {
-    if (cached.decodable(a)) return run_decode<T>(a, cached, workspace, stream);
+    const bool aligned = cached.rows_aligned(a);
+    if (decode::eligible(a, aligned)) return run_decode<T>(a, cached, workspace, stream);
+    if constexpr (!std::is_same<T, float>::value) {
+      if (mma::eligible(a, aligned)) {
+        return a.head_dim == 64 ? run_mma_dim<T, 64>(a, cached, workspace, stream)
+                                : run_mma_dim<T, 128>(a, cached, workspace, stream);
+      }
+    }
   }
   if (a.scores) return cudaErrorInvalidValue;
   const AttentionPlan p = plan_attention(a);

@@ -1,8 +1,10 @@
 // effx SIMT emulator: the WMMA API. Every lane holds the whole tile (a real warp spreads it
 // over its lanes in an unspecified way), so each lane computes the full product: slow but the
-// same result, with products of fp16/bf16 values exact in fp32 as on tensor cores. Loads and
-// stores check the pointer alignment (256 bits) and ldm (a multiple of 16 bytes) the hardware
-// requires.
+// same result, with products of fp16/bf16 values exact in fp32 as on tensor cores. Each call
+// starts with a warp barrier, as the collective it is: no lane stores a tile before every lane
+// has loaded what it read (a read-modify-write of a tile in shared memory would otherwise add
+// up once per lane). Loads and stores check the pointer alignment (256 bits) and ldm (a
+// multiple of 16 bytes) the hardware requires.
 #pragma once
 
 #include <cstdint>
@@ -46,12 +48,14 @@ void check(const T* p, unsigned ldm, const char* what) {
 
 template <typename Use, int M, int N, int K, typename T, typename L>
 void fill_fragment(fragment<Use, M, N, K, T, L>& f, float x) {
+  __syncwarp();
   for (float& e : f.v) e = x;
 }
 
 template <typename Use, int M, int N, int K, typename T, typename L, typename P>
 void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm) {
   using F = fragment<Use, M, N, K, T, L>;
+  __syncwarp();
   detail::check(p, ldm, "load_matrix_sync");
   const bool row = std::is_same<L, row_major>::value;
   for (int i = 0; i < F::rows; ++i)
@@ -60,6 +64,7 @@ void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm)
 
 template <int M, int N, int K, typename T>
 void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const float* p, unsigned ldm, layout_t layout) {
+  __syncwarp();
   detail::check(p, ldm, "load_matrix_sync");
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) f.v[i * N + j] = layout == mem_row_major ? p[i * ldm + j] : p[i + j * ldm];
@@ -67,6 +72,7 @@ void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const float* p, unsi
 
 template <int M, int N, int K, typename T>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+  __syncwarp();
   detail::check(p, ldm, "store_matrix_sync");
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) (layout == mem_row_major ? p[i * ldm + j] : p[i + j * ldm]) = f.v[i * N + j];
@@ -75,6 +81,7 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, uns
 template <int M, int N, int K, typename T, typename S, typename LA, typename LB>
 void mma_sync(fragment<accumulator, M, N, K, T>& d, const fragment<matrix_a, M, N, K, S, LA>& a,
               const fragment<matrix_b, M, N, K, S, LB>& b, const fragment<accumulator, M, N, K, T>& c) {
+  __syncwarp();
   float out[M * N];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) {

@@ -76,7 +76,10 @@ struct Scheduler {
   std::vector<Barrier> warps;
   std::vector<unsigned> warp_live;  // bit per live lane
   std::vector<uint64_t> slots;      // a shuffle's published values, 32 per warp
-  std::unique_ptr<char[]> dynamic_shared;
+  struct AlignedDelete {
+    void operator()(char* p) const { ::operator delete[](p, std::align_val_t{128}); }
+  };
+  std::unique_ptr<char[], AlignedDelete> dynamic_shared;  // 128-byte aligned, as __align__(128) asks
   size_t dynamic_shared_bytes = 0;
   std::map<const void*, size_t> limits;
   cudaError_t error = cudaSuccess;
@@ -206,7 +209,7 @@ void run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
     }
   }
   s.dynamic_shared_bytes = cfg.smem;
-  s.dynamic_shared.reset(cfg.smem ? new char[(cfg.smem + 15) / 16 * 16] : nullptr);
+  s.dynamic_shared.reset(cfg.smem ? new (std::align_val_t{128}) char[(cfg.smem + 127) / 128 * 128] : nullptr);
   s.body = &body;
   blockDim = cfg.block;
   gridDim = cfg.grid;
