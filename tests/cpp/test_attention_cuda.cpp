@@ -323,6 +323,8 @@ void all_cases(DType dtype) {
     dense<T>(dtype, s, true);
   }
   for (const Shape& s : {Shape{2, 2, 8, 128, 1280, 1, {1100, 129}, false, false},
+                         Shape{3, 2, 16, 64, 640, 1, {600, 64, 0}, false, false},  // group 8, rows at 0 and R
+                         Shape{1, 4, 4, 128, 1536, 1, {1500}, false, false},       // group 1, long
                          Shape{1, 2, 4, 64, 640, 4, {600}, false, true}, Shape{1, 1, 8, 64, 320, 9, {200}, true, false}}) {
     kivi<T>(dtype, s, 2);
     kivi<T>(dtype, s, 4);

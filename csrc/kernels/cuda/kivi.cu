@@ -1,8 +1,9 @@
 // effx family: KIVI 2/4-bit KV cache, CUDA kernels: attention over quantized + residual + new
-// tokens (through the shared engine), and the append that applies the residual rule (layout
-// in include/effx/kivi.h).
+// tokens (decode on the codes in kivi_decode.cuh, more rows through the shared engine), and
+// the append that applies the residual rule (layout in include/effx/kivi.h).
 #include "attention_engine.cuh"
 #include "effx/kivi_cuda.h"
+#include "kivi_decode.cuh"
 #include "quant_group.cuh"
 
 namespace effx {
@@ -124,8 +125,42 @@ __global__ void advance_state_kernel(KiviStorage s, long long new_len, const int
   s.state[b * 3 + 2] = vq > n - R ? vq : n - R;
 }
 
+template <typename T, int BITS, int ROWS>
+void launch_decode(const AttentionArgs& a, const KiviStorage& s, const kivi_decode::Plan& p, float* partial,
+                   cudaStream_t stream) {
+  const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_chunks);
+  if (a.head_dim == 64) {
+    kivi_decode::kivi_decode_kernel<T, BITS, ROWS, 64><<<grid, kivi_decode::kThreads, 0, stream>>>(
+        a, s, p.tokens_per_split, partial);
+  } else {
+    kivi_decode::kivi_decode_kernel<T, BITS, ROWS, 128><<<grid, kivi_decode::kThreads, 0, stream>>>(
+        a, s, p.tokens_per_split, partial);
+  }
+}
+
+// The workspace (attention_workspace_bytes) covers these splits: they are never more than the
+// dense decode path's for the same call, whose chunks are no longer.
+template <typename T, int BITS>
+cudaError_t run_decode_codes(const AttentionArgs& a, const KiviStorage& s, void* workspace, cudaStream_t stream) {
+  const kivi_decode::Plan p = kivi_decode::plan(a, BITS, multiprocessors());
+  float* partial = static_cast<float*>(workspace);
+  switch (p.rows) {
+    case 1: launch_decode<T, BITS, 1>(a, s, p, partial, stream); break;
+    case 2: launch_decode<T, BITS, 2>(a, s, p, partial, stream); break;
+    case 4: launch_decode<T, BITS, 4>(a, s, p, partial, stream); break;
+    default: launch_decode<T, BITS, 8>(a, s, p, partial, stream); break;
+  }
+  if (p.splits > 1) {
+    combine_kernel<T><<<static_cast<unsigned>(a.batch * a.q_heads), 128, 0, stream>>>(a, p.splits, partial);
+  }
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t attention_typed(const AttentionArgs& a, const KiviStorage& s, void* workspace, cudaStream_t stream) {
+  if (kivi_decode::eligible(a, s)) {
+    return s.bits == 2 ? run_decode_codes<T, 2>(a, s, workspace, stream) : run_decode_codes<T, 4>(a, s, workspace, stream);
+  }
   if (s.bits == 2) return run_attention<T>(a, KiviCached<T, 2>{s, kivi_dims(s)}, workspace, stream);
   return run_attention<T>(a, KiviCached<T, 4>{s, kivi_dims(s)}, workspace, stream);
 }
