@@ -94,15 +94,20 @@ inline size_t raw_scores_bytes(const AttentionArgs& a) {
   return a.scores ? sizeof(float) * a.batch * a.q_heads * (a.max_cached + 1) : 0;
 }
 
-inline Plan plan(const AttentionArgs& a, int sms) {
+inline int rows_for(const AttentionArgs& a) {
+  const long long group = a.q_heads / a.kv_heads;
+  return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+}
+
+// slots: blocks the device runs at once (multiprocessors times resident blocks each). One
+// wave of them, never a split shorter than kMinTokensPerSplit.
+inline Plan plan(const AttentionArgs& a, long long slots) {
   Plan p;
   const long long group = a.q_heads / a.kv_heads;
-  p.rows = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+  p.rows = rows_for(a);
   p.row_chunks = static_cast<int>((group + p.rows - 1) / p.rows);
   const long long units = a.batch * a.kv_heads * p.row_chunks, total = a.max_cached + 1;
-  // Four blocks per multiprocessor fit by registers: aim for that many, never splits shorter
-  // than kMinTokensPerSplit.
-  long long splits = (4LL * sms + units - 1) / units;
+  long long splits = slots / units;
   const long long most = (total + kMinTokensPerSplit - 1) / kMinTokensPerSplit;
   splits = splits < most ? splits : most;
   p.splits = static_cast<int>(splits < 1 ? 1 : splits);

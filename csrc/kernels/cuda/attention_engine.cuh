@@ -46,6 +46,19 @@ inline int multiprocessors() {
   return sms;
 }
 
+// The fast paths plan one wave of blocks from the kernel's occupancy, counted up to this many
+// per multiprocessor (their workspaces are sized for it).
+constexpr int kMaxResident = 4;
+
+template <typename K>
+long long slots_for(K* kernel, int threads, size_t smem) {
+  int blocks = 1;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess || blocks < 1) {
+    blocks = 1;
+  }
+  return static_cast<long long>(multiprocessors()) * (blocks < kMaxResident ? blocks : kMaxResident);
+}
+
 inline size_t partial_bytes(const AttentionArgs& a, int splits) {
   return splits > 1 ? sizeof(float) * splits * a.batch * a.q_heads * a.q_len * (a.head_dim + 2) : 0;
 }
@@ -69,9 +82,10 @@ inline AttentionPlan plan_attention(const AttentionArgs& a) {
                                    kRows * kTile + 3 * kRows) +
                  sizeof(uint32_t) * kRows * mask_words;
   // Enough for the fast paths too, which the caller cannot tell apart.
+  const long long slots = static_cast<long long>(sms) * kMaxResident;
   const size_t engine = partial_bytes(a, p.splits),
-               fast = a.q_len == 1 ? partial_bytes(a, decode::plan(a, sms).splits) + decode::raw_scores_bytes(a) : 0,
-               tensor = partial_bytes(a, mma::plan<64>(a, sms).splits);
+               fast = a.q_len == 1 ? partial_bytes(a, decode::plan(a, slots).splits) + decode::raw_scores_bytes(a) : 0,
+               tensor = partial_bytes(a, mma::plan(a, slots).splits);
   p.workspace_bytes = engine > fast ? engine : fast;
   p.workspace_bytes = p.workspace_bytes > tensor ? p.workspace_bytes : tensor;
   return p;
@@ -280,61 +294,63 @@ struct has_rows : std::false_type {};
 template <typename C>
 struct has_rows<C, std::void_t<decltype(&C::key), decltype(&C::value)>> : std::true_type {};
 
-template <typename T, int ROWS, typename Rows>
-cudaError_t launch_decode(const AttentionArgs& a, const Rows& cached, const decode::Plan& p, float* partial,
-                          float* raw, cudaStream_t stream) {
-  const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_chunks);
-  const long long per = p.tokens_per_split, rs = p.raw_stride;
-  switch (a.head_dim) {
-    case 64: decode::decode_kernel<T, ROWS, 8, Rows><<<grid, decode::kThreads, 0, stream>>>(a, cached, per, partial, raw, rs); break;
-    case 128: decode::decode_kernel<T, ROWS, 16, Rows><<<grid, decode::kThreads, 0, stream>>>(a, cached, per, partial, raw, rs); break;
-    case 256: decode::decode_kernel<T, ROWS, 32, Rows><<<grid, decode::kThreads, 0, stream>>>(a, cached, per, partial, raw, rs); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
-
-template <typename T, typename Rows>
-cudaError_t run_decode(const AttentionArgs& a, const Rows& cached, void* workspace, cudaStream_t stream) {
-  const decode::Plan p = decode::plan(a, multiprocessors());
+template <typename T, int ROWS, int TPT, typename Rows>
+cudaError_t run_decode_with(const AttentionArgs& a, const Rows& cached, void* workspace, cudaStream_t stream) {
+  auto kernel = decode::decode_kernel<T, ROWS, TPT, Rows>;
+  const decode::Plan p = decode::plan(a, slots_for(kernel, decode::kThreads, 0));
   float* partial = static_cast<float*>(workspace);
   float* raw = a.scores ? reinterpret_cast<float*>(static_cast<char*>(workspace) + partial_bytes(a, p.splits)) : nullptr;
-  cudaError_t err = cudaErrorInvalidValue;
-  switch (p.rows) {
-    case 1: err = launch_decode<T, 1>(a, cached, p, partial, raw, stream); break;
-    case 2: err = launch_decode<T, 2>(a, cached, p, partial, raw, stream); break;
-    case 4: err = launch_decode<T, 4>(a, cached, p, partial, raw, stream); break;
-    case 8: err = launch_decode<T, 8>(a, cached, p, partial, raw, stream); break;
-  }
-  if (err != cudaSuccess) return err;
+  const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_chunks);
+  kernel<<<grid, decode::kThreads, 0, stream>>>(a, cached, p.tokens_per_split, partial, raw, p.raw_stride);
   if (p.splits > 1) {
     combine_kernel<T><<<static_cast<unsigned>(a.batch * a.q_heads), 128, 0, stream>>>(a, p.splits, partial);
   }
   if (raw) {
-    const dim3 grid(static_cast<unsigned>((a.max_cached + 1 + 255) / 256), static_cast<unsigned>(a.batch * a.kv_heads));
-    decode::scores_kernel<256><<<grid, 256, 0, stream>>>(a, raw, p.raw_stride);
+    const dim3 sgrid(static_cast<unsigned>((a.max_cached + 1 + 255) / 256), static_cast<unsigned>(a.batch * a.kv_heads));
+    decode::scores_kernel<256><<<sgrid, 256, 0, stream>>>(a, raw, p.raw_stride);
   }
   return cudaGetLastError();
 }
 
-// H2O scores (a.scores) are accumulated by the decode path only; elsewhere the caller runs
-// its own scoring pass (h2o.cu), and a call with scores set is an error.
+template <typename T, int ROWS, typename Rows>
+cudaError_t run_decode_rows(const AttentionArgs& a, const Rows& cached, void* workspace, cudaStream_t stream) {
+  switch (a.head_dim) {
+    case 64: return run_decode_with<T, ROWS, 8>(a, cached, workspace, stream);
+    case 128: return run_decode_with<T, ROWS, 16>(a, cached, workspace, stream);
+    case 256: return run_decode_with<T, ROWS, 32>(a, cached, workspace, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, typename Rows>
+cudaError_t run_decode(const AttentionArgs& a, const Rows& cached, void* workspace, cudaStream_t stream) {
+  switch (decode::rows_for(a)) {
+    case 1: return run_decode_rows<T, 1>(a, cached, workspace, stream);
+    case 2: return run_decode_rows<T, 2>(a, cached, workspace, stream);
+    case 4: return run_decode_rows<T, 4>(a, cached, workspace, stream);
+    default: return run_decode_rows<T, 8>(a, cached, workspace, stream);
+  }
+}
+
 template <typename T, int D, typename Rows>
 cudaError_t run_mma_dim(const AttentionArgs& a, const Rows& cached, void* workspace, cudaStream_t stream) {
-  const mma::Plan p = mma::plan<D>(a, multiprocessors());
   auto kernel = mma::mma_kernel<T, D, Rows>;
+  const size_t smem = mma::Layout<D>::bytes(mma::tree_words(a));
   const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
+  const mma::Plan p = mma::plan(a, slots_for(kernel, mma::kThreads, smem));
   const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_blocks);
   float* partial = static_cast<float*>(workspace);
-  kernel<<<grid, mma::kThreads, p.smem_bytes, stream>>>(a, cached, p.tokens_per_split, p.mask_words, partial);
+  kernel<<<grid, mma::kThreads, smem, stream>>>(a, cached, p.tokens_per_split, p.mask_words, partial);
   if (p.splits > 1) {
     combine_kernel<T><<<static_cast<unsigned>(a.batch * a.q_heads * a.q_len), 128, 0, stream>>>(a, p.splits, partial);
   }
   return cudaGetLastError();
 }
 
+// H2O scores (a.scores) are accumulated by the decode path only; elsewhere the caller runs
+// its own scoring pass (h2o.cu), and a call with scores set is an error.
 template <typename T, typename Cached>
 cudaError_t run_attention(const AttentionArgs& a, const Cached& cached, void* workspace, cudaStream_t stream) {
   if (a.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;

@@ -51,23 +51,23 @@ struct Plan {
   int splits;
   long long tokens_per_split;
   int mask_words;
-  size_t smem_bytes;
 };
 
-template <int D>
-inline Plan plan(const AttentionArgs& a, int sms) {
+inline int tree_words(const AttentionArgs& a) { return a.parents ? static_cast<int>((a.q_len + 31) / 32) : 0; }
+
+// slots: blocks the device runs at once; one wave of them (see decode::plan).
+inline Plan plan(const AttentionArgs& a, long long slots) {
   Plan p;
   const long long group = a.q_heads / a.kv_heads;
   p.row_blocks = static_cast<int>((group * a.q_len + kRows - 1) / kRows);
   const long long units = a.batch * a.kv_heads * p.row_blocks, total = a.max_cached + a.q_len;
-  long long splits = (4LL * sms + units - 1) / units;  // two waves of two blocks per multiprocessor
+  long long splits = slots / units;
   const long long most = (total + kMinTokensPerSplit - 1) / kMinTokensPerSplit;
   splits = splits < most ? splits : most;
   p.splits = static_cast<int>(splits < 1 ? 1 : splits);
   const long long per = (total + p.splits - 1) / p.splits;
   p.tokens_per_split = (per + kTile - 1) / kTile * kTile;
-  p.mask_words = a.parents ? static_cast<int>((a.q_len + 31) / 32) : 0;
-  p.smem_bytes = Layout<D>::bytes(p.mask_words);
+  p.mask_words = tree_words(a);
   return p;
 }
 

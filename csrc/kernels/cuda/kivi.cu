@@ -125,35 +125,35 @@ __global__ void advance_state_kernel(KiviStorage s, long long new_len, const int
   s.state[b * 3 + 2] = vq > n - R ? vq : n - R;
 }
 
-template <typename T, int BITS, int ROWS>
-void launch_decode(const AttentionArgs& a, const KiviStorage& s, const kivi_decode::Plan& p, float* partial,
-                   cudaStream_t stream) {
+template <typename T, int BITS, int ROWS, int D>
+cudaError_t run_codes_with(const AttentionArgs& a, const KiviStorage& s, void* workspace, cudaStream_t stream) {
+  auto kernel = kivi_decode::kivi_decode_kernel<T, BITS, ROWS, D>;
+  const kivi_decode::Plan p = kivi_decode::plan(a, BITS, slots_for(kernel, kivi_decode::kThreads, 0));
   const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_chunks);
-  if (a.head_dim == 64) {
-    kivi_decode::kivi_decode_kernel<T, BITS, ROWS, 64><<<grid, kivi_decode::kThreads, 0, stream>>>(
-        a, s, p.tokens_per_split, partial);
-  } else {
-    kivi_decode::kivi_decode_kernel<T, BITS, ROWS, 128><<<grid, kivi_decode::kThreads, 0, stream>>>(
-        a, s, p.tokens_per_split, partial);
-  }
-}
-
-// The workspace (attention_workspace_bytes) covers these splits: they are never more than the
-// dense decode path's for the same call, whose chunks are no longer.
-template <typename T, int BITS>
-cudaError_t run_decode_codes(const AttentionArgs& a, const KiviStorage& s, void* workspace, cudaStream_t stream) {
-  const kivi_decode::Plan p = kivi_decode::plan(a, BITS, multiprocessors());
   float* partial = static_cast<float*>(workspace);
-  switch (p.rows) {
-    case 1: launch_decode<T, BITS, 1>(a, s, p, partial, stream); break;
-    case 2: launch_decode<T, BITS, 2>(a, s, p, partial, stream); break;
-    case 4: launch_decode<T, BITS, 4>(a, s, p, partial, stream); break;
-    default: launch_decode<T, BITS, 8>(a, s, p, partial, stream); break;
-  }
+  kernel<<<grid, kivi_decode::kThreads, 0, stream>>>(a, s, p.tokens_per_split, partial);
   if (p.splits > 1) {
     combine_kernel<T><<<static_cast<unsigned>(a.batch * a.q_heads), 128, 0, stream>>>(a, p.splits, partial);
   }
   return cudaGetLastError();
+}
+
+template <typename T, int BITS, int ROWS>
+cudaError_t run_codes_rows(const AttentionArgs& a, const KiviStorage& s, void* workspace, cudaStream_t stream) {
+  return a.head_dim == 64 ? run_codes_with<T, BITS, ROWS, 64>(a, s, workspace, stream)
+                          : run_codes_with<T, BITS, ROWS, 128>(a, s, workspace, stream);
+}
+
+// The workspace (attention_workspace_bytes) covers these splits: they are never more than the
+// dense decode path's for the same call, whose splits are no longer.
+template <typename T, int BITS>
+cudaError_t run_decode_codes(const AttentionArgs& a, const KiviStorage& s, void* workspace, cudaStream_t stream) {
+  switch (decode::rows_for(a)) {
+    case 1: return run_codes_rows<T, BITS, 1>(a, s, workspace, stream);
+    case 2: return run_codes_rows<T, BITS, 2>(a, s, workspace, stream);
+    case 4: return run_codes_rows<T, BITS, 4>(a, s, workspace, stream);
+    default: return run_codes_rows<T, BITS, 8>(a, s, workspace, stream);
+  }
 }
 
 template <typename T>

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "attention_decode.cuh"
 #include "dtype.cuh"
 #include "effx/attention.h"
 #include "effx/kivi.h"
@@ -40,13 +41,14 @@ struct Plan {
   long long tokens_per_split;
 };
 
-inline Plan plan(const AttentionArgs& a, int bits, int sms) {
+// slots: blocks the device runs at once; one wave of them (see decode::plan).
+inline Plan plan(const AttentionArgs& a, int bits, long long slots) {
   Plan p;
   const long long group = a.q_heads / a.kv_heads, chunk = kWordsPerChunk * 32 / bits;
-  p.rows = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+  p.rows = decode::rows_for(a);
   p.row_chunks = static_cast<int>((group + p.rows - 1) / p.rows);
   const long long units = a.batch * a.kv_heads * p.row_chunks, total = a.max_cached + 1;
-  long long splits = (4LL * sms + units - 1) / units;
+  long long splits = slots / units;
   const long long most = (total + chunk - 1) / chunk;
   splits = splits < most ? splits : most;
   p.splits = static_cast<int>(splits < 1 ? 1 : splits);

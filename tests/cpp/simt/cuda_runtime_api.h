@@ -35,3 +35,15 @@ cudaError_t cudaFuncSetAttribute(K* kernel, cudaFuncAttribute attr, int value) {
   effx::simt::set_dynamic_shared_limit(reinterpret_cast<const void*>(kernel), static_cast<size_t>(value));
   return cudaSuccess;
 }
+
+// Resident blocks per multiprocessor: by threads only (2048 per multiprocessor, at most 32
+// blocks) and the 227 KB of shared memory; registers are not modelled.
+template <typename K>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K* kernel, int threads, size_t smem) {
+  (void)kernel;
+  if (threads <= 0 || threads > 1024) return cudaErrorInvalidValue;
+  int n = 2048 / threads;
+  if (smem > 0 && static_cast<int>(227 * 1024 / smem) < n) n = static_cast<int>(227 * 1024 / smem);
+  *blocks = n < 32 ? n : 32;
+  return cudaSuccess;
+}
