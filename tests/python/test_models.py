@@ -26,6 +26,12 @@ CONFIGS = {
                                           original_max_position_embeddings=16)),
     "llama-linear-bias": dict(BASE, architectures=["LlamaForCausalLM"], model_type="llama",
                               rope_scaling=dict(type="linear", factor=2.0), attention_bias=True, mlp_bias=True),
+    "qwen2-yarn": dict(BASE, architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True,
+                       use_sliding_window=False,
+                       rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64)),
+    "llama-yarn-mscale": dict(BASE, architectures=["LlamaForCausalLM"], model_type="llama",
+                              rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=32,
+                                                beta_fast=16, beta_slow=2, mscale=0.8, mscale_all_dim=0.5)),
     "llama-dynamic": dict(BASE, architectures=["LlamaForCausalLM"], model_type="llama", max_position_embeddings=16,
                           rope_scaling=dict(type="dynamic", factor=2.0)),
     "mistral": dict(BASE, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None,
@@ -423,8 +429,8 @@ def test_unsupported_architecture_and_rope(checkpoint):
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'; effx.models runs "
                                          "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
         models.from_pretrained(checkpoint)
-    (checkpoint / "config.json").write_text(json.dumps(dict(config, rope_scaling=dict(type="yarn", factor=4.0))))
-    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+    (checkpoint / "config.json").write_text(json.dumps(dict(config, rope_scaling=dict(type="longrope", factor=4.0))))
+    with pytest.raises(ValueError, match="rope type 'longrope' is not supported"):
         models.from_pretrained(checkpoint)
     (checkpoint / "config.json").write_text(json.dumps(dict(config, hidden_act="gelu")))
     with pytest.raises(ValueError, match="hidden_act must be 'silu'"):

@@ -20,7 +20,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -42,7 +42,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # {"rope_type": "linear" | "dynamic" | "llama3", ...} or None for plain RoPE.
+    # {"rope_type": "linear" | "dynamic" | "llama3" | "yarn", ...} or None for plain RoPE.
     rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
@@ -129,6 +129,11 @@ def _rope(d: dict[str, Any]) -> tuple[float, dict | None]:
         _fail(f"rope type {kind!r} is not supported; effx.models supports {', '.join(_ROPE_TYPES)}")
     if kind == "default":
         return float(theta), None
+    if kind == "yarn":
+        scaling.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
+        if scaling.get("factor") is None and scaling["original_max_position_embeddings"]:
+            # DeepSeek-V3's spelling: the factor is the ratio of the two context lengths.
+            scaling["factor"] = d["max_position_embeddings"] / scaling["original_max_position_embeddings"]
     if "factor" not in scaling:
         _fail(f"rope scaling {kind!r} needs 'factor'")
     if kind == "llama3":

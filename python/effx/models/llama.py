@@ -50,7 +50,7 @@ class RMSNorm(nn.Module):
 
 
 class Rotary:
-    """RoPE frequencies for the config's scaling (none, linear, dynamic NTK, llama3)."""
+    """RoPE frequencies for the config's scaling (none, linear, dynamic NTK, llama3, YaRN)."""
 
     def __init__(self, config: ModelConfig):
         d = config.head_dim
@@ -63,6 +63,9 @@ class Rotary:
             inv_freq = inv_freq / scaling["factor"]
         elif kind == "llama3":
             inv_freq = _llama3_frequencies(inv_freq, scaling)
+        self.attention_factor = 1.0
+        if kind == "yarn":
+            inv_freq, self.attention_factor = _yarn_frequencies(config.rope_theta, d, scaling)
         self.kind = kind
         self.inv_freq = inv_freq.float()
         self._cached: dict[torch.device, torch.Tensor] = {}
@@ -86,6 +89,8 @@ class Rotary:
         """cos, sin [B, 1, T, head_dim] (fp32) for positions [B, T]."""
         freqs = positions.float()[..., None] * self._frequencies(positions)
         emb = torch.cat((freqs, freqs), -1)[:, None]
+        if self.attention_factor != 1.0:  # YaRN's temperature, on both q and k
+            return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
         return emb.cos(), emb.sin()
 
 
@@ -99,6 +104,37 @@ def _llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old / high) & (wavelen <= old / low)
     return torch.where(medium, blended, scaled)
+
+
+def _yarn_frequencies(theta: float, d: int, s: dict) -> tuple[torch.Tensor, float]:
+    # YaRN (Peng et al. 2023): per frequency, a ramp between extrapolation (high frequencies,
+    # kept) and interpolation (low frequencies, divided by factor) over the dimensions whose
+    # wavelength falls between beta_fast and beta_slow rotations of the original context; cos
+    # and sin scaled by 0.1 ln(factor) + 1 (or the mscale ratio, or attention_factor).
+    factor, old = float(s["factor"]), float(s["original_max_position_embeddings"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = s.get("attention_factor")
+    if attention is None:
+        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    fast, slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over `old` tokens
+        return d * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation = theta ** -(torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)
+    keep = 1 - ramp
+    return extrapolation / factor * (1 - keep) + extrapolation * keep, float(attention)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
