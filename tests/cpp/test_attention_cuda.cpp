@@ -298,7 +298,9 @@ void kivi(DType dtype, const Shape& s, int bits) {
   const double rel = relative_error(to_host(dout, outs), out);
   EFFX_EXPECT(rel < tolerance(dtype), "kivi-%d %s D=%lld Hq=%lld q_len=%lld tree=%d: relative error %g", bits,
               effx::dtype_name(dtype), (long long)s.D, (long long)s.HQ, (long long)s.q_len, s.tree, rel);
-  compare_lse(to_host(dlse, rows), lse, 1e-4, "kivi");
+  // The tensor-core path dequantizes keys into the storage dtype (so does the plain PyTorch
+  // way); the CPU keeps them fp32. Scores, and so the LSE, differ by that rounding.
+  compare_lse(to_host(dlse, rows), lse, dtype == DType::Float32 ? 1e-4 : 4e-3, "kivi");
   dev.free();
   for (void* p : {(void*)dq, (void*)dkn, (void*)dvn, (void*)dout, (void*)dlse, (void*)dnew, (void*)dpar, (void*)ws}) {
     CUDA_OK(cudaFree(p));

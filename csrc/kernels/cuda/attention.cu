@@ -19,6 +19,18 @@ struct DenseCached {
     const int64_t strides[3] = {sb, sh, st};
     return decode::rows_aligned(a, sizeof(T), k, v, strides);
   }
+  bool tiles_aligned(const AttentionArgs& a) const { return rows_aligned(a); }
+
+  // Rows as stored, 16 bytes per thread and step.
+  __device__ void stage_tile(long long b, long long h, long long t0, long long t1, T* ks, T* vs, int ld) const {
+    const int chunks = D / 8;
+    for (long long idx = threadIdx.x; idx < (t1 - t0) * chunks; idx += blockDim.x) {
+      const long long j = idx / chunks;
+      const int d = static_cast<int>(idx % chunks) * 8;
+      mma::copy8(ks + j * ld + d, key(b, h, t0 + j) + d);
+      mma::copy8(vs + j * ld + d, value(b, h, t0 + j) + d);
+    }
+  }
 
   // Threads walk head_dim fastest: coalesced rows of K and V in global memory.
   __device__ void load(long long b, long long h, long long t0, long long t1, float* kt, int ldk, float* v_s) const {

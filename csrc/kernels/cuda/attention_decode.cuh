@@ -60,19 +60,27 @@ struct Vec8<float> {
   }
 };
 
-// Do the rows the fast paths read (cached rows at k, v with batch, head and token strides
-// shared by keys and values, and the new tokens) all start 16-byte aligned?
-inline bool rows_aligned(const AttentionArgs& a, int elem_bytes, const void* k, const void* v,
-                         const int64_t (&strides)[3]) {
-  for (const void* p : {k, v, a.k_new.data, a.v_new.data}) {
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  }
-  const int64_t all[9] = {strides[0], strides[1], strides[2], a.k_new.sb, a.k_new.sh, a.k_new.st,
-                          a.v_new.sb, a.v_new.sh, a.v_new.st};
-  for (const int64_t x : all) {
-    if (x * elem_bytes % 16 != 0) return false;
+// Do the step's new key and value rows all start 16-byte aligned?
+inline bool new_rows_aligned(const AttentionArgs& a, int elem_bytes) {
+  for (const Strided& x : {a.k_new, a.v_new}) {
+    if (reinterpret_cast<uintptr_t>(x.data) % 16 != 0 || x.sb * elem_bytes % 16 != 0 ||
+        x.sh * elem_bytes % 16 != 0 || x.st * elem_bytes % 16 != 0) {
+      return false;
+    }
   }
   return true;
+}
+
+// And the cached rows at k, v (batch, head and token strides shared by keys and values)?
+inline bool rows_aligned(const AttentionArgs& a, int elem_bytes, const void* k, const void* v,
+                         const int64_t (&strides)[3]) {
+  for (const void* p : {k, v}) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  for (const int64_t x : strides) {
+    if (x * elem_bytes % 16 != 0) return false;
+  }
+  return new_rows_aligned(a, elem_bytes);
 }
 
 // Does the decode path take this call? (Scoring needs the LSE.)

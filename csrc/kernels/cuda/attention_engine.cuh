@@ -288,11 +288,15 @@ __global__ void combine_kernel(AttentionArgs a, int splits, const float* partial
 }
 
 // Policies with `key(b, h, t)` / `value(b, h, t)` row pointers (and `rows_aligned(a)`) can
-// take the fast paths.
+// take the decode path; with `stage_tile` (and `tiles_aligned(a)`) the tensor-core path.
 template <typename C, typename = void>
 struct has_rows : std::false_type {};
 template <typename C>
 struct has_rows<C, std::void_t<decltype(&C::key), decltype(&C::value)>> : std::true_type {};
+template <typename C, typename = void>
+struct has_tiles : std::false_type {};
+template <typename C>
+struct has_tiles<C, std::void_t<decltype(&C::stage_tile)>> : std::true_type {};
 
 template <typename T, int ROWS, int TPT, typename Rows>
 cudaError_t run_decode_with(const AttentionArgs& a, const Rows& cached, void* workspace, cudaStream_t stream) {
@@ -355,13 +359,12 @@ template <typename T, typename Cached>
 cudaError_t run_attention(const AttentionArgs& a, const Cached& cached, void* workspace, cudaStream_t stream) {
   if (a.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
   if constexpr (has_rows<Cached>::value) {
-    const bool aligned = cached.rows_aligned(a);
-    if (decode::eligible(a, aligned)) return run_decode<T>(a, cached, workspace, stream);
-    if constexpr (!std::is_same<T, float>::value) {
-      if (mma::eligible(a, aligned)) {
-        return a.head_dim == 64 ? run_mma_dim<T, 64>(a, cached, workspace, stream)
-                                : run_mma_dim<T, 128>(a, cached, workspace, stream);
-      }
+    if (decode::eligible(a, cached.rows_aligned(a))) return run_decode<T>(a, cached, workspace, stream);
+  }
+  if constexpr (has_tiles<Cached>::value && !std::is_same<T, float>::value) {
+    if (mma::eligible(a, cached.tiles_aligned(a))) {
+      return a.head_dim == 64 ? run_mma_dim<T, 64>(a, cached, workspace, stream)
+                              : run_mma_dim<T, 128>(a, cached, workspace, stream);
     }
   }
   if (a.scores) return cudaErrorInvalidValue;

@@ -1,7 +1,8 @@
 // effx: the tensor-core path of the CUDA cache attention, for fp16/bf16 caches and many query
 // rows per kv-head (prefill chunks, token trees, GQA groups of several new tokens). A block of
 // four warps owns (token split, batch row, kv-head, 64 query rows) and walks its tokens in
-// tiles of 64: keys and values staged in shared memory as stored, S = Q K^T and O += P V on
+// tiles of 64: keys and values staged in shared memory in the storage dtype (by the cache
+// policy: copied, or dequantized for KIVI), S = Q K^T and O += P V on
 // WMMA 16x16x16 with fp32 accumulation, the online softmax (and the causal or tree mask) in
 // fp32 between them. O lives in shared memory because a WMMA accumulator cannot be rescaled
 // row by row. Splits of the token range merge in the engine's combine kernel.
@@ -71,22 +72,26 @@ inline Plan plan(const AttentionArgs& a, long long slots) {
   return p;
 }
 
-// Is the tensor-core path possible for this call (16-bit storage, rows 16-byte aligned)?
-inline bool eligible(const AttentionArgs& a, bool rows_aligned) {
-  return rows_aligned && a.scores == nullptr && (a.head_dim == 64 || a.head_dim == 128) &&
+// Is the tensor-core path possible for this call (16-bit storage; `aligned`: the rows the
+// kernel and the policy copy in 16-byte chunks are aligned)?
+inline bool eligible(const AttentionArgs& a, bool aligned) {
+  return aligned && a.scores == nullptr && (a.head_dim == 64 || a.head_dim == 128) &&
          (a.parents == nullptr || a.q_len <= 32 * kMaxTreeWords);
 }
 
-// Copies one 16-byte chunk (8 elements) per thread and step from row pointers.
+// One 16-byte chunk (8 elements).
 template <typename T>
 __device__ __forceinline__ void copy8(T* dst, const T* src) {
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
 }
 
-// Rows: the policy of attention_decode.cuh (key(b, h, t), value(b, h, t) row pointers).
-template <typename T, int D, typename Rows>
+// Tiles: a policy with
+//   __device__ void stage_tile(b, h, t0, t1, T* k, T* v, int ld) const: the whole block
+//   stages cached tokens [t0, t1) as k[(t - t0) * ld + d], v[(t - t0) * ld + d].
+// The kernel stages the step's new tokens itself (16-byte copies: their rows must be aligned).
+template <typename T, int D, typename Tiles>
 __global__ void __launch_bounds__(kThreads)
-    mma_kernel(AttentionArgs a, Rows cached, long long tokens_per_split, int mask_words, float* partial) {
+    mma_kernel(AttentionArgs a, Tiles cached, long long tokens_per_split, int mask_words, float* partial) {
   using namespace nvcuda;
   using L = Layout<D>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -158,13 +163,15 @@ __global__ void __launch_bounds__(kThreads)
   const T* k_new = static_cast<const T*>(a.k_new.data) + b * a.k_new.sb + hk * a.k_new.sh;
   const T* v_new = static_cast<const T*>(a.v_new.data) + b * a.v_new.sb + hk * a.v_new.sh;
   for (long long t0 = begin; t0 < end; t0 += kTile) {
-    const long long t1 = t0 + kTile < end ? t0 + kTile : end;
+    const long long t1 = t0 + kTile < end ? t0 + kTile : end, c1 = t1 < n ? t1 : n;
+    if (t0 < c1) cached.stage_tile(b, hk, t0, c1, k_s, v_s, L::ldh);
     for (int idx = tid; idx < kTile * D / 8; idx += kThreads) {
       const int j = idx / (D / 8), d = idx % (D / 8) * 8;
       const long long t = t0 + j;
+      if (t < n && t < t1) continue;  // staged by the policy
       if (t < t1) {
-        copy8(k_s + j * L::ldh + d, (t < n ? cached.key(b, hk, t) : k_new + (t - n) * a.k_new.st) + d);
-        copy8(v_s + j * L::ldh + d, (t < n ? cached.value(b, hk, t) : v_new + (t - n) * a.v_new.st) + d);
+        copy8(k_s + j * L::ldh + d, k_new + (t - n) * a.k_new.st + d);
+        copy8(v_s + j * L::ldh + d, v_new + (t - n) * a.v_new.st + d);
       } else {  // zeros, not stale rows: P is 0 there but 0 * NaN is NaN
         *reinterpret_cast<uint4*>(k_s + j * L::ldh + d) = make_uint4(0u, 0u, 0u, 0u);
         *reinterpret_cast<uint4*>(v_s + j * L::ldh + d) = make_uint4(0u, 0u, 0u, 0u);

@@ -30,38 +30,49 @@ struct KiviCached {
                               ((1u << BITS) - 1u));
   }
 
-  __device__ void load(long long b, long long h, long long t0, long long t1, float* kt, int ldk, float* v) const {
-    const long long bh = b * k.H + h;
-    const long long kq = s.state[b * 3 + 1], vq = s.state[b * 3 + 2];
-    const long long bt = t1 - t0;
-    const T* k_scale = static_cast<const T*>(s.k_scale) + bh * k.D * k.k_groups;
-    const T* k_zero = static_cast<const T*>(s.k_zero) + bh * k.D * k.k_groups;
-    const T* k_res = static_cast<const T*>(s.k_res) + bh * k.D * k.R;
-    // Keys are channel-major: tokens fastest, so a warp reads the same few code words.
-    for (long long idx = threadIdx.x; idx < bt * k.D; idx += blockDim.x) {
-      const long long j = idx % bt, d = idx / bt, t = t0 + j;
-      float x;
-      if (t < kq) {
-        const long long g = d * k.k_groups + t / k.G;
-        x = code(s.k_codes + (bh * k.D + d) * k.k_words, t) * to_float(k_scale[g]) + to_float(k_zero[g]);
-      } else {
-        x = to_float(k_res[d * k.R + t % k.R]);
-      }
-      kt[d * ldk + j] = x;
+  // Cached key / value (t, d) of row bh, dequantized where it is quantized.
+  __device__ __forceinline__ float key_at(long long b, long long bh, long long t, long long d) const {
+    if (t < s.state[b * 3 + 1]) {
+      const long long g = (bh * k.D + d) * k.k_groups + t / k.G;
+      return code(s.k_codes + (bh * k.D + d) * k.k_words, t) * to_float(static_cast<const T*>(s.k_scale)[g]) +
+             to_float(static_cast<const T*>(s.k_zero)[g]);
     }
-    const T* v_scale = static_cast<const T*>(s.v_scale) + bh * k.C * k.v_groups;
-    const T* v_zero = static_cast<const T*>(s.v_zero) + bh * k.C * k.v_groups;
-    const T* v_res = static_cast<const T*>(s.v_res) + bh * k.R * k.D;
+    return to_float(static_cast<const T*>(s.k_res)[(bh * k.D + d) * k.R + t % k.R]);
+  }
+  __device__ __forceinline__ float value_at(long long b, long long bh, long long t, long long d) const {
+    if (t < s.state[b * 3 + 2]) {
+      const long long g = (bh * k.C + t) * k.v_groups + d / k.G;
+      return code(s.v_codes + (bh * k.C + t) * k.v_words, d) * to_float(static_cast<const T*>(s.v_scale)[g]) +
+             to_float(static_cast<const T*>(s.v_zero)[g]);
+    }
+    return to_float(static_cast<const T*>(s.v_res)[(bh * k.R + t % k.R) * k.D + d]);
+  }
+
+  // For the fp32 engine. Keys walk tokens fastest (a warp reads the same few code words, the
+  // codes being channel-major), values channels fastest.
+  __device__ void load(long long b, long long h, long long t0, long long t1, float* kt, int ldk, float* v) const {
+    const long long bh = b * k.H + h, bt = t1 - t0;
     for (long long idx = threadIdx.x; idx < bt * k.D; idx += blockDim.x) {
-      const long long j = idx / k.D, d = idx % k.D, t = t0 + j;
-      float x;
-      if (t < vq) {
-        const long long g = t * k.v_groups + d / k.G;
-        x = code(s.v_codes + (bh * k.C + t) * k.v_words, d) * to_float(v_scale[g]) + to_float(v_zero[g]);
-      } else {
-        x = to_float(v_res[(t % k.R) * k.D + d]);
-      }
-      v[j * k.D + d] = x;
+      const long long j = idx % bt, d = idx / bt;
+      kt[d * ldk + j] = key_at(b, bh, t0 + j, d);
+    }
+    for (long long idx = threadIdx.x; idx < bt * k.D; idx += blockDim.x) {
+      const long long j = idx / k.D, d = idx % k.D;
+      v[j * k.D + d] = value_at(b, bh, t0 + j, d);
+    }
+  }
+
+  // For the tensor-core path: dequantized into the storage dtype, token-major.
+  bool tiles_aligned(const AttentionArgs& a) const { return decode::new_rows_aligned(a, sizeof(T)); }
+  __device__ void stage_tile(long long b, long long h, long long t0, long long t1, T* ks, T* vs, int ld) const {
+    const long long bh = b * k.H + h, bt = t1 - t0;
+    for (long long idx = threadIdx.x; idx < bt * k.D; idx += blockDim.x) {
+      const long long j = idx % bt, d = idx / bt;
+      ks[j * ld + d] = from_float<T>(key_at(b, bh, t0 + j, d));
+    }
+    for (long long idx = threadIdx.x; idx < bt * k.D; idx += blockDim.x) {
+      const long long j = idx / k.D, d = idx % k.D;
+      vs[j * ld + d] = from_float<T>(value_at(b, bh, t0 + j, d));
     }
   }
 };
