@@ -58,7 +58,8 @@ size_t attention_workspace_bytes(const AttentionArgs& a) { return plan_attention
 
 bool dense_attention_scores(const AttentionArgs& a, const DenseKV& kv, DType dtype) {
   const int64_t strides[3] = {kv.sb, kv.sh, kv.st};
-  return a.scores != nullptr && decode::eligible(a, decode::rows_aligned(a, dtype_size(dtype), kv.k, kv.v, strides));
+  return a.scores != nullptr && fast_paths_enabled() &&
+         decode::eligible(a, decode::rows_aligned(a, dtype_size(dtype), kv.k, kv.v, strides));
 }
 
 cudaError_t dense_attention(const AttentionArgs& a, const DenseKV& kv, DType dtype, void* workspace,

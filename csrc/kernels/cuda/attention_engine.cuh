@@ -14,6 +14,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "attention_decode.cuh"
@@ -44,6 +46,16 @@ inline int multiprocessors() {
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   }
   return sms;
+}
+
+// EFFX_CUDA_ATTENTION=engine sends every call to the fp32 shared-memory engine: the reference
+// the fast paths are compared with (benchmarks, a suspected fast-path bug on new hardware).
+inline bool fast_paths_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("EFFX_CUDA_ATTENTION");
+    return v == nullptr || std::strcmp(v, "engine") != 0;
+  }();
+  return enabled;
 }
 
 // The fast paths plan one wave of blocks from the kernel's occupancy, counted up to this many
@@ -358,11 +370,12 @@ cudaError_t run_mma_dim(const AttentionArgs& a, const Rows& cached, void* worksp
 template <typename T, typename Cached>
 cudaError_t run_attention(const AttentionArgs& a, const Cached& cached, void* workspace, cudaStream_t stream) {
   if (a.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
+  const bool fast = fast_paths_enabled();
   if constexpr (has_rows<Cached>::value) {
-    if (decode::eligible(a, cached.rows_aligned(a))) return run_decode<T>(a, cached, workspace, stream);
+    if (fast && decode::eligible(a, cached.rows_aligned(a))) return run_decode<T>(a, cached, workspace, stream);
   }
   if constexpr (has_tiles<Cached>::value && !std::is_same<T, float>::value) {
-    if (mma::eligible(a, cached.tiles_aligned(a))) {
+    if (fast && mma::eligible(a, cached.tiles_aligned(a))) {
       return a.head_dim == 64 ? run_mma_dim<T, 64>(a, cached, workspace, stream)
                               : run_mma_dim<T, 128>(a, cached, workspace, stream);
     }

@@ -169,7 +169,7 @@ cudaError_t run_decode_codes(const AttentionArgs& a, const KiviStorage& s, void*
 
 template <typename T>
 cudaError_t attention_typed(const AttentionArgs& a, const KiviStorage& s, void* workspace, cudaStream_t stream) {
-  if (kivi_decode::eligible(a, s)) {
+  if (fast_paths_enabled() && kivi_decode::eligible(a, s)) {
     return s.bits == 2 ? run_decode_codes<T, 2>(a, s, workspace, stream) : run_decode_codes<T, 4>(a, s, workspace, stream);
   }
   if (s.bits == 2) return run_attention<T>(a, KiviCached<T, 2>{s, kivi_dims(s)}, workspace, stream);
