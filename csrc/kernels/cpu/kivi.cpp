@@ -85,8 +85,11 @@ struct KiviCached {
   // q.k_t = sum_d (q_d s_dg) c_dt + sum_d q_d m_dg, so each group's scale folds into the query
   // and its minimum into one bias per row; for values p_t v_td = (p_t s_tg) c_td + p_t m_tg,
   // so the scale folds into the probability and the minima gather into one bias per row and
-  // channel group. Scratch: one group, token or residual run as floats, then the biases.
-  int64_t fold_scratch(int64_t rows) const { return run_floats() + rows * k.v_groups; }
+  // channel group. With groups a whole number of vectors, Ops::fold keeps up to kFoldRows
+  // rows' sums in registers while it unpacks the codes (their coefficients in `coef`);
+  // otherwise a group, token or residual run is unpacked to floats and added row by row.
+  // Scratch: that run, the biases, the coefficients.
+  int64_t fold_scratch(int64_t rows) const { return run_floats() + rows * k.v_groups + 4 * std::max(k.D, block()); }
   int64_t run_floats() const { return std::max({k.G, k.D, block()}); }
 
   template <typename Ops>
@@ -96,18 +99,35 @@ struct KiviCached {
     const auto [codes, scale, zero, res] = keys_of(b, h);
     float* cf = scratch;
     float* bias = scratch + run_floats();
+    float* coef = bias + rows * k.v_groups;
+    const bool blocked = k.G % Ops::lanes == 0;
     for (int64_t r = 0; r < rows; ++r) std::fill(sc + r * ld, sc + r * ld + (t1 - t0), 0.0f);
     int64_t t = t0;
     for (; t < std::min(t1, quantized); t += k.G) {  // whole groups: t0, kq are multiples of G
       const int64_t g = t / k.G;
       std::fill(bias, bias + rows, 0.0f);
-      for (int64_t d = 0; d < k.D; ++d) {
-        Ops::template unpack<BITS>(codes + d * k.k_words + t * BITS / 32, k.G, cf);
-        const float sdg = to_float(scale[d * k.k_groups + g]), mdg = to_float(zero[d * k.k_groups + g]);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float qd = qs[r * k.D + d];
-          Ops::axpy(sc + r * ld + (t - t0), cf, qd * sdg, k.G);
-          bias[r] += qd * mdg;
+      if (blocked) {
+        for (int64_t r0 = 0; r0 < rows; r0 += Ops::kFoldRows) {
+          const int rb = static_cast<int>(std::min<int64_t>(Ops::kFoldRows, rows - r0));
+          for (int64_t d = 0; d < k.D; ++d) {
+            const float sdg = to_float(scale[d * k.k_groups + g]), mdg = to_float(zero[d * k.k_groups + g]);
+            for (int r = 0; r < rb; ++r) {
+              const float qd = qs[(r0 + r) * k.D + d];
+              coef[d * rb + r] = qd * sdg;
+              bias[r0 + r] += qd * mdg;
+            }
+          }
+          Ops::template fold<BITS>(rb, codes + t * BITS / 32, k.k_words, k.D, coef, sc + r0 * ld + (t - t0), ld, k.G);
+        }
+      } else {
+        for (int64_t d = 0; d < k.D; ++d) {
+          Ops::template unpack<BITS>(codes + d * k.k_words + t * BITS / 32, k.G, cf);
+          const float sdg = to_float(scale[d * k.k_groups + g]), mdg = to_float(zero[d * k.k_groups + g]);
+          for (int64_t r = 0; r < rows; ++r) {
+            const float qd = qs[r * k.D + d];
+            Ops::axpy(sc + r * ld + (t - t0), cf, qd * sdg, k.G);
+            bias[r] += qd * mdg;
+          }
         }
       }
       for (int64_t r = 0; r < rows; ++r) Ops::add(sc + r * ld + (t - t0), bias[r], k.G);
@@ -128,23 +148,42 @@ struct KiviCached {
     const auto [codes, scale, zero, res] = values_of(b, h);
     float* cf = scratch;
     float* bias = scratch + run_floats();
+    float* coef = bias + rows * k.v_groups;
     std::fill(bias, bias + rows * k.v_groups, 0.0f);
-    int64_t t = t0;
-    for (; t < std::min(t1, quantized); ++t) {
-      Ops::template unpack<BITS>(codes + t * k.v_words, k.D, cf);
+    const int64_t tq = std::min(t1, quantized);
+    if (k.G % Ops::lanes == 0) {
       for (int64_t g = 0; g < k.v_groups; ++g) {
-        const float sg = to_float(scale[t * k.v_groups + g]), mg = to_float(zero[t * k.v_groups + g]);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float pt = p[r * ld + (t - t0)];
-          Ops::axpy(acc + r * k.D + g * k.G, cf + g * k.G, pt * sg, k.G);
-          bias[r * k.v_groups + g] += pt * mg;
+        for (int64_t r0 = 0; r0 < rows; r0 += Ops::kFoldRows) {
+          const int rb = static_cast<int>(std::min<int64_t>(Ops::kFoldRows, rows - r0));
+          for (int64_t t = t0; t < tq; ++t) {
+            const float sg = to_float(scale[t * k.v_groups + g]), mg = to_float(zero[t * k.v_groups + g]);
+            for (int r = 0; r < rb; ++r) {
+              const float pt = p[(r0 + r) * ld + (t - t0)];
+              coef[(t - t0) * rb + r] = pt * sg;
+              bias[(r0 + r) * k.v_groups + g] += pt * mg;
+            }
+          }
+          Ops::template fold<BITS>(rb, codes + t0 * k.v_words + g * k.G * BITS / 32, k.v_words, tq - t0, coef,
+                                   acc + r0 * k.D + g * k.G, k.D, k.G);
+        }
+      }
+    } else {
+      for (int64_t t = t0; t < tq; ++t) {
+        Ops::template unpack<BITS>(codes + t * k.v_words, k.D, cf);
+        for (int64_t g = 0; g < k.v_groups; ++g) {
+          const float sg = to_float(scale[t * k.v_groups + g]), mg = to_float(zero[t * k.v_groups + g]);
+          for (int64_t r = 0; r < rows; ++r) {
+            const float pt = p[r * ld + (t - t0)];
+            Ops::axpy(acc + r * k.D + g * k.G, cf + g * k.G, pt * sg, k.G);
+            bias[r * k.v_groups + g] += pt * mg;
+          }
         }
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t g = 0; g < k.v_groups; ++g) Ops::add(acc + r * k.D + g * k.G, bias[r * k.v_groups + g], k.G);
     }
-    for (; t < t1; ++t) {  // the value residual: token t in row t % R
+    for (int64_t t = std::max(t0, tq); t < t1; ++t) {  // the value residual: token t in row t % R
       const T* row = res + (t % k.R) * k.D;
       for (int64_t d = 0; d < k.D; ++d) cf[d] = to_float(row[d]);
       for (int64_t r = 0; r < rows; ++r) Ops::axpy(acc + r * k.D, cf, p[r * ld + (t - t0)], k.D);
