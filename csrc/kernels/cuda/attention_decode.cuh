@@ -20,6 +20,7 @@
 
 #include "dtype.cuh"
 #include "effx/attention.h"
+#include "splits.cuh"
 
 namespace effx {
 namespace cuda {
@@ -114,13 +115,9 @@ inline Plan plan(const AttentionArgs& a, long long slots) {
   const long long group = a.q_heads / a.kv_heads;
   p.rows = rows_for(a);
   p.row_chunks = static_cast<int>((group + p.rows - 1) / p.rows);
-  const long long units = a.batch * a.kv_heads * p.row_chunks, total = a.max_cached + 1;
-  long long splits = slots / units;
-  const long long most = (total + kMinTokensPerSplit - 1) / kMinTokensPerSplit;
-  splits = splits < most ? splits : most;
-  p.splits = static_cast<int>(splits < 1 ? 1 : splits);
-  const long long per = (total + p.splits - 1) / p.splits;
-  p.tokens_per_split = (per + 31) / 32 * 32;
+  const Splits s = one_wave(a.max_cached + 1, a.batch * a.kv_heads * p.row_chunks, slots, kMinTokensPerSplit, 32);
+  p.splits = s.count;
+  p.tokens_per_split = s.tokens;
   p.raw_stride = a.max_cached + 1;
   return p;
 }

@@ -14,6 +14,7 @@
 
 #include "dtype.cuh"
 #include "effx/attention.h"
+#include "splits.cuh"
 
 namespace effx {
 namespace cuda {
@@ -61,13 +62,10 @@ inline Plan plan(const AttentionArgs& a, long long slots) {
   Plan p;
   const long long group = a.q_heads / a.kv_heads;
   p.row_blocks = static_cast<int>((group * a.q_len + kRows - 1) / kRows);
-  const long long units = a.batch * a.kv_heads * p.row_blocks, total = a.max_cached + a.q_len;
-  long long splits = slots / units;
-  const long long most = (total + kMinTokensPerSplit - 1) / kMinTokensPerSplit;
-  splits = splits < most ? splits : most;
-  p.splits = static_cast<int>(splits < 1 ? 1 : splits);
-  const long long per = (total + p.splits - 1) / p.splits;
-  p.tokens_per_split = (per + kTile - 1) / kTile * kTile;
+  const Splits s =
+      one_wave(a.max_cached + a.q_len, a.batch * a.kv_heads * p.row_blocks, slots, kMinTokensPerSplit, kTile);
+  p.splits = s.count;
+  p.tokens_per_split = s.tokens;
   p.mask_words = tree_words(a);
   return p;
 }

@@ -19,6 +19,7 @@
 #include "dtype.cuh"
 #include "effx/attention.h"
 #include "effx/kivi.h"
+#include "splits.cuh"
 
 namespace effx {
 namespace cuda {
@@ -47,13 +48,9 @@ inline Plan plan(const AttentionArgs& a, int bits, long long slots) {
   const long long group = a.q_heads / a.kv_heads, chunk = kWordsPerChunk * 32 / bits;
   p.rows = decode::rows_for(a);
   p.row_chunks = static_cast<int>((group + p.rows - 1) / p.rows);
-  const long long units = a.batch * a.kv_heads * p.row_chunks, total = a.max_cached + 1;
-  long long splits = slots / units;
-  const long long most = (total + chunk - 1) / chunk;
-  splits = splits < most ? splits : most;
-  p.splits = static_cast<int>(splits < 1 ? 1 : splits);
-  const long long per = (total + p.splits - 1) / p.splits;
-  p.tokens_per_split = (per + chunk - 1) / chunk * chunk;
+  const Splits s = one_wave(a.max_cached + 1, a.batch * a.kv_heads * p.row_chunks, slots, chunk, chunk);
+  p.splits = s.count;
+  p.tokens_per_split = s.tokens;
   return p;
 }
 
