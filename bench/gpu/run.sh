@@ -36,14 +36,17 @@ if [[ $what == all || $what == test ]]; then
   echo "pytest rc=$?"
   grep -E "^(FAILED|ERROR)" "$OUT/pytest-cuda.log" | head -40
   tail -3 "$OUT/pytest-cuda.log"
-  step "ctest (C++ tests, CUDA ones included)"
+  step "ctest (C++ tests, the CUDA ones on the GPU; the emulated copies are left to CI)"
   {
     cmake -S . -B build/gpu-cpp -G Ninja -DEFFX_BUILD_TESTS=ON -DEFFX_CUDA=ON &&
       cmake --build build/gpu-cpp -j "$(nproc)" &&
-      timeout 120 ctest --test-dir build/gpu-cpp --output-on-failure -LE bench
+      timeout 120 ctest --test-dir build/gpu-cpp --output-on-failure -LE bench -E 'simt'
   } > "$OUT/ctest.log" 2>&1
   echo "ctest rc=$?"
   tail -15 "$OUT/ctest.log"
+  # The same attention cases through the fp32 engine alone: the reference of the fast paths.
+  EFFX_CUDA_ATTENTION=engine timeout 60 build/gpu-cpp/tests/cpp/test_attention_cuda > "$OUT/attention-engine.log" 2>&1
+  echo "attention through the engine alone rc=$?"
 fi
 
 if [[ $what == all || $what == bench ]]; then
