@@ -40,11 +40,14 @@ struct AttentionPlan {
   size_t workspace_bytes;
 };
 
+// Read once per process: a decode step calls this per layer, and the workspace size and the
+// launch must agree on it (effx assumes the process's GPUs are of one kind).
 inline int multiprocessors() {
-  int device = 0, sms = 132;
-  if (cudaGetDevice(&device) == cudaSuccess) {
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  }
+  static const int sms = [] {
+    int device = 0, n = 132;
+    if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    return n;
+  }();
   return sms;
 }
 
@@ -69,6 +72,14 @@ long long slots_for(K* kernel, int threads, size_t smem) {
     blocks = 1;
   }
   return static_cast<long long>(multiprocessors()) * (blocks < kMaxResident ? blocks : kMaxResident);
+}
+
+// slots_for, asked once per kernel (an occupancy query per decode step and layer would cost
+// microseconds on a call that takes tens of them). For kernels without dynamic shared memory.
+template <auto Kernel>
+long long cached_slots(int threads) {
+  static const long long slots = slots_for(Kernel, threads, 0);
+  return slots;
 }
 
 inline size_t partial_bytes(const AttentionArgs& a, int splits) {
@@ -313,7 +324,7 @@ struct has_tiles<C, std::void_t<decltype(&C::stage_tile)>> : std::true_type {};
 template <typename T, int ROWS, int TPT, typename Rows>
 cudaError_t run_decode_with(const AttentionArgs& a, const Rows& cached, void* workspace, cudaStream_t stream) {
   auto kernel = decode::decode_kernel<T, ROWS, TPT, Rows>;
-  const decode::Plan p = decode::plan(a, slots_for(kernel, decode::kThreads, 0));
+  const decode::Plan p = decode::plan(a, cached_slots<decode::decode_kernel<T, ROWS, TPT, Rows>>(decode::kThreads));
   float* partial = static_cast<float*>(workspace);
   float* raw = a.scores ? reinterpret_cast<float*>(static_cast<char*>(workspace) + partial_bytes(a, p.splits)) : nullptr;
   const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_chunks);

@@ -139,7 +139,8 @@ __global__ void advance_state_kernel(KiviStorage s, long long new_len, const int
 template <typename T, int BITS, int ROWS, int D>
 cudaError_t run_codes_with(const AttentionArgs& a, const KiviStorage& s, void* workspace, cudaStream_t stream) {
   auto kernel = kivi_decode::kivi_decode_kernel<T, BITS, ROWS, D>;
-  const kivi_decode::Plan p = kivi_decode::plan(a, BITS, slots_for(kernel, kivi_decode::kThreads, 0));
+  const kivi_decode::Plan p =
+      kivi_decode::plan(a, BITS, cached_slots<kivi_decode::kivi_decode_kernel<T, BITS, ROWS, D>>(kivi_decode::kThreads));
   const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_chunks);
   float* partial = static_cast<float*>(workspace);
   kernel<<<grid, kivi_decode::kThreads, 0, stream>>>(a, s, p.tokens_per_split, partial);
