@@ -92,10 +92,8 @@ Scheduler& sched() {
 }
 
 [[noreturn]] void fail(const char* what) {
-  const Scheduler& s = sched();
   std::fprintf(stderr, "simt: %s (block %u,%u,%u thread %u,%u,%u)\n", what, blockIdx.x, blockIdx.y, blockIdx.z,
                threadIdx.x, threadIdx.y, threadIdx.z);
-  (void)s;
   std::abort();
 }
 

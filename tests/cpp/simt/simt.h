@@ -6,9 +6,13 @@
 // run one at a time in a shuffled order, which is why __shared__ may be a static variable.
 // Warps are 32 lanes; a warp-collective call must come from every live lane of the warp.
 //
-// What it cannot see: timing, memory coalescing, hardware rounding of the fast intrinsics
-// (__expf is expf here), races between blocks, and code that relies on lockstep warps without
-// a __syncwarp (which real GPUs do not promise either since Volta).
+// Dynamic shared memory starts as NaN bytes in every block, as garbage may on a GPU; static
+// __shared__ arrays start at zero once and keep their contents from block to block.
+//
+// What it cannot see: timing, memory coalescing, bank conflicts, register pressure, hardware
+// rounding of the fast intrinsics (__expf is expf here), races between blocks, reads of static
+// shared memory before it is written, and code that relies on lockstep warps without a
+// __syncwarp (which real GPUs do not promise either since Volta).
 #pragma once
 
 #include <cstddef>
