@@ -211,8 +211,8 @@ effx::KiviStorage kivi_storage(const Shape& s, int bits, int64_t R, int64_t G, c
                            b.v_codes, b.v_scale, b.v_zero, b.k_res, b.v_res, b.state};
 }
 
-// Appends `steps` chunks of new tokens to both a CPU and a CUDA copy (the CUDA append must
-// leave the same state, scales and zeros, and codes off by at most one where rounding ties),
+// Appends chunks of new tokens to both a CPU and a CUDA copy (the CUDA append must leave the
+// same state, residual, scales and zeros, and codes off by at most one where rounding ties),
 // then attends over the CPU-built storage on both.
 template <typename T>
 void kivi(DType dtype, const Shape& s, int bits) {
@@ -227,14 +227,37 @@ void kivi(DType dtype, const Shape& s, int bits) {
     KiviHost<T> row(one, bits, R, G);
     const effx::KiviStorage rs = kivi_storage(one, bits, R, G, row);
     const effx::Strided kn{k.data(), s.H * tokens * s.D, tokens * s.D, s.D}, vn{v.data(), kn.sb, kn.sh, kn.st};
-    // Row by row through the device append: prefill in one chunk, so both rules are exercised.
+    // Row by row through both appends: a prefill chunk, three single decode tokens over the
+    // residual it left, then a chunk that flushes keys and values again.
     KiviDevice<T> dev(row);
     T *dk = to_device(k), *dv = to_device(v);
-    const effx::Strided dkn{dk, kn.sb, kn.sh, kn.st}, dvn{dv, kn.sb, kn.sh, kn.st};
-    CUDA_OK(effx::cuda::kivi_append(kivi_storage(one, bits, R, G, dev), dtype, dkn, dvn, tokens, nullptr, nullptr));
-    effx::cpu::kivi_append(rs, dtype, kn, vn, tokens, nullptr, 2);
+    const int64_t rest = tokens / 3, first = std::max<int64_t>(0, tokens - rest - 3);
+    std::vector<int64_t> chunks = {first};
+    for (int64_t t = first; t < std::min(tokens, first + 3); ++t) chunks.push_back(1);
+    chunks.push_back(tokens - std::min(tokens, first + 3));
+    int64_t c0 = 0;
+    for (const int64_t len : chunks) {
+      const auto view = [&](const T* base) { return effx::Strided{base + c0 * s.D, kn.sb, kn.sh, kn.st}; };
+      CUDA_OK(effx::cuda::kivi_append(kivi_storage(one, bits, R, G, dev), dtype, view(dk), view(dv), len, nullptr,
+                                      nullptr));
+      effx::cpu::kivi_append(rs, dtype, view(k.data()), view(v.data()), len, nullptr, 2);
+      c0 += len;
+    }
     const KiviHost<T> got = dev.copy_back(row);
     EFFX_EXPECT(got.state == row.state, "kivi append: state differs");
+    const int64_t n = row.state[0], kq = row.state[1], vq = row.state[2];
+    for (int64_t h = 0; h < s.H; ++h) {  // the live residual slots
+      for (int64_t d = 0; d < s.D; ++d) {
+        for (int64_t t = kq; t < n; ++t) {
+          const size_t i = (h * s.D + d) * R + t % R;
+          EFFX_EXPECT(std::memcmp(&got.k_res[i], &row.k_res[i], sizeof(T)) == 0, "kivi append: key residual %lld", (long long)t);
+        }
+        for (int64_t t = vq; t < n; ++t) {
+          const size_t i = (h * R + t % R) * s.D + d;
+          EFFX_EXPECT(std::memcmp(&got.v_res[i], &row.v_res[i], sizeof(T)) == 0, "kivi append: value residual %lld", (long long)t);
+        }
+      }
+    }
     for (size_t i = 0; i < row.k_scale.size(); ++i) {
       EFFX_EXPECT(std::memcmp(&got.k_scale[i], &row.k_scale[i], sizeof(T)) == 0 &&
                       std::memcmp(&got.k_zero[i], &row.k_zero[i], sizeof(T)) == 0,

@@ -1,6 +1,8 @@
 // effx family: KIVI 2/4-bit KV cache, CUDA kernels: attention over quantized + residual + new
 // tokens (decode on the codes in kivi_decode.cuh, more rows through the shared engine), and
-// the append that applies the residual rule (layout in include/effx/kivi.h).
+// the append that applies the residual rule in closed form (layout in include/effx/kivi.h).
+#include <algorithm>
+
 #include "attention_engine.cuh"
 #include "effx/kivi_cuda.h"
 #include "kivi_decode.cuh"
@@ -77,50 +79,88 @@ struct KiviCached {
   }
 };
 
-// One block per (batch row, kv-head) walks the new tokens in order, as the rule is sequential.
+// The residual rule in closed form (include/effx/kivi.h): appending tn tokens to a row that
+// holds n quantizes the values [vq, vq') and the key blocks [kq, kq'), with n' = n + tn,
+// kq' = kq + (n' - kq) / R * R and vq' = max(vq, n' - R). Every group depends only on its own
+// tokens, so all of them are quantized at once, each token read from the old residual
+// (t < n) or from the new tokens: one thread per value group of a token or per key group of
+// a channel. The sequential rule gives the same groups, one token at a time.
+struct Leaving {
+  long long n, tn, kq, kq1, vq, vq1;
+};
+
+__device__ __forceinline__ Leaving leaving(const KiviStorage& s, long long b, long long new_len,
+                                           const int64_t* new_lengths) {
+  Leaving x;
+  x.n = s.state[b * 3];
+  x.kq = s.state[b * 3 + 1];
+  x.vq = s.state[b * 3 + 2];
+  x.tn = new_lengths ? new_lengths[b] : new_len;
+  const long long n1 = x.n + x.tn;
+  x.kq1 = x.kq + (n1 - x.kq) / s.residual * s.residual;
+  x.vq1 = x.vq > n1 - s.residual ? x.vq : n1 - s.residual;
+  return x;
+}
+
 template <typename T, int BITS>
-__global__ void append_kernel(KiviStorage s, KiviDims k, Strided kn, Strided vn, long long new_len,
-                              const int64_t* new_lengths) {
-  const long long bh = blockIdx.x, b = bh / k.H, h = bh % k.H;
-  const long long n = s.state[b * 3];
-  long long kq = s.state[b * 3 + 1], vq = s.state[b * 3 + 2];
-  const long long tn = new_lengths ? new_lengths[b] : new_len;
+__global__ void quantize_leaving_kernel(KiviStorage s, KiviDims k, Strided kn, Strided vn, long long new_len,
+                                        const int64_t* new_lengths) {
+  const long long bh = blockIdx.y, b = bh / k.H;
+  const Leaving x = leaving(s, b, new_len, new_lengths);
+  const T* k_res = static_cast<const T*>(s.k_res) + bh * k.D * k.R;
+  const T* v_res = static_cast<const T*>(s.v_res) + bh * k.R * k.D;
+  const T* kb = static_cast<const T*>(kn.data) + b * kn.sb + (bh % k.H) * kn.sh;
+  const T* vb = static_cast<const T*>(vn.data) + b * vn.sb + (bh % k.H) * vn.sh;
+  const long long v_items = (x.vq1 - x.vq) * k.v_groups, k_items = k.D * ((x.kq1 - x.kq) / k.G);
+  const int G = static_cast<int>(k.G);
+  for (long long item = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; item < v_items + k_items;
+       item += static_cast<long long>(gridDim.x) * blockDim.x) {
+    if (item < v_items) {  // value group g of token t: G channels of one row
+      const long long t = x.vq + item / k.v_groups, g = item % k.v_groups;
+      const T* row = (t < x.n ? v_res + (t % k.R) * k.D : vb + (t - x.n) * vn.st) + g * k.G;
+      quantize_values<T, BITS>([row](int i) { return to_float(row[i]); }, G,
+                               s.v_codes + (bh * k.C + t) * k.v_words + g * k.G * BITS / 32,
+                               static_cast<T*>(s.v_scale) + (bh * k.C + t) * k.v_groups + g,
+                               static_cast<T*>(s.v_zero) + (bh * k.C + t) * k.v_groups + g);
+    } else {  // key group of channel d: G tokens from t0
+      const long long i = item - v_items, per_channel = (x.kq1 - x.kq) / k.G;
+      const long long d = i / per_channel, t0 = x.kq + (i % per_channel) * k.G, n = x.n, R = k.R, st = kn.st;
+      const T* res = k_res + d * k.R;
+      const T* fresh = kb + d;
+      quantize_values<T, BITS>(
+          [=](int j) {
+            const long long t = t0 + j;
+            return to_float(t < n ? res[t % R] : fresh[(t - n) * st]);
+          },
+          G, s.k_codes + (bh * k.D + d) * k.k_words + t0 * BITS / 32,
+          static_cast<T*>(s.k_scale) + (bh * k.D + d) * k.k_groups + t0 / k.G,
+          static_cast<T*>(s.k_zero) + (bh * k.D + d) * k.k_groups + t0 / k.G);
+    }
+  }
+}
+
+// Then the new tokens that stay go to the residual rings (slot t % R): after the quantization,
+// since a new token may take the slot of an old one that was just quantized.
+template <typename T>
+__global__ void fill_residual_kernel(KiviStorage s, KiviDims k, Strided kn, Strided vn, long long new_len,
+                                     const int64_t* new_lengths) {
+  const long long bh = blockIdx.y, b = bh / k.H;
+  const Leaving x = leaving(s, b, new_len, new_lengths);
   T* k_res = static_cast<T*>(s.k_res) + bh * k.D * k.R;
   T* v_res = static_cast<T*>(s.v_res) + bh * k.R * k.D;
-  int32_t* k_codes = s.k_codes + bh * k.D * k.k_words;
-  T* k_scale = static_cast<T*>(s.k_scale) + bh * k.D * k.k_groups;
-  T* k_zero = static_cast<T*>(s.k_zero) + bh * k.D * k.k_groups;
-  int32_t* v_codes = s.v_codes + bh * k.C * k.v_words;
-  T* v_scale = static_cast<T*>(s.v_scale) + bh * k.C * k.v_groups;
-  T* v_zero = static_cast<T*>(s.v_zero) + bh * k.C * k.v_groups;
-  const T* kb = static_cast<const T*>(kn.data) + b * kn.sb + h * kn.sh;
-  const T* vb = static_cast<const T*>(vn.data) + b * vn.sb + h * vn.sh;
-  for (long long i = 0; i < tn; ++i) {
-    const long long t = n + i, slot = t % k.R;
-    if (t - vq == k.R) {  // R values held: the oldest (in this token's slot) leaves the window
-      for (long long g = threadIdx.x; g < k.v_groups; g += blockDim.x) {
-        quantize_group<T, BITS>(v_res + slot * k.D + g * k.G, static_cast<int>(k.G),
-                                v_codes + vq * k.v_words + g * k.G * BITS / 32, v_scale + vq * k.v_groups + g,
-                                v_zero + vq * k.v_groups + g);
-      }
-      ++vq;
-      __syncthreads();
-    }
-    for (long long d = threadIdx.x; d < k.D; d += blockDim.x) {
-      v_res[slot * k.D + d] = vb[i * vn.st + d];
-      k_res[d * k.R + slot] = kb[i * kn.st + d];
-    }
-    __syncthreads();
-    if (t + 1 - kq == k.R) {  // a whole block of R keys: per channel, in groups of G tokens
-      const long long per_channel = k.R / k.G;
-      for (long long idx = threadIdx.x; idx < k.D * per_channel; idx += blockDim.x) {
-        const long long d = idx / per_channel, g = idx % per_channel;
-        quantize_group<T, BITS>(k_res + d * k.R + g * k.G, static_cast<int>(k.G),
-                                k_codes + d * k.k_words + (kq + g * k.G) * BITS / 32,
-                                k_scale + d * k.k_groups + kq / k.G + g, k_zero + d * k.k_groups + kq / k.G + g);
-      }
-      kq += k.R;
-      __syncthreads();
+  const T* kb = static_cast<const T*>(kn.data) + b * kn.sb + (bh % k.H) * kn.sh;
+  const T* vb = static_cast<const T*>(vn.data) + b * vn.sb + (bh % k.H) * vn.sh;
+  const long long n1 = x.n + x.tn;
+  const long long k0 = x.kq1 > x.n ? x.kq1 : x.n, v0 = x.vq1 > x.n ? x.vq1 : x.n;
+  const long long k_items = (n1 - k0) * k.D, v_items = (n1 - v0) * k.D;
+  for (long long item = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; item < k_items + v_items;
+       item += static_cast<long long>(gridDim.x) * blockDim.x) {
+    if (item < k_items) {
+      const long long t = k0 + item / k.D, d = item % k.D;
+      k_res[d * k.R + t % k.R] = kb[(t - x.n) * kn.st + d];
+    } else {
+      const long long t = v0 + (item - k_items) / k.D, d = (item - k_items) % k.D;
+      v_res[(t % k.R) * k.D + d] = vb[(t - x.n) * vn.st + d];
     }
   }
 }
@@ -180,12 +220,17 @@ cudaError_t attention_typed(const AttentionArgs& a, const KiviStorage& s, void* 
 template <typename T>
 cudaError_t append_typed(const KiviStorage& s, const Strided& kn, const Strided& vn, long long new_len,
                          const int64_t* new_lengths, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>(s.batch * s.heads);
+  const KiviDims k = kivi_dims(s);
+  // Enough threads for the most a row can have to do: new_len tokens plus a residual's worth.
+  const long long tokens = new_len + s.residual;
+  const long long most = tokens * (k.v_groups + k.D / k.G + 1) + tokens * 2 * k.D;
+  const dim3 grid(static_cast<unsigned>(std::min<long long>((most + 255) / 256, 4096)), static_cast<unsigned>(s.batch * s.heads));
   if (s.bits == 2) {
-    append_kernel<T, 2><<<blocks, 128, 0, stream>>>(s, kivi_dims(s), kn, vn, new_len, new_lengths);
+    quantize_leaving_kernel<T, 2><<<grid, 256, 0, stream>>>(s, k, kn, vn, new_len, new_lengths);
   } else {
-    append_kernel<T, 4><<<blocks, 128, 0, stream>>>(s, kivi_dims(s), kn, vn, new_len, new_lengths);
+    quantize_leaving_kernel<T, 4><<<grid, 256, 0, stream>>>(s, k, kn, vn, new_len, new_lengths);
   }
+  fill_residual_kernel<T><<<grid, 256, 0, stream>>>(s, k, kn, vn, new_len, new_lengths);
   advance_state_kernel<<<static_cast<unsigned>((s.batch + 127) / 128), 128, 0, stream>>>(s, new_len, new_lengths);
   return cudaGetLastError();
 }

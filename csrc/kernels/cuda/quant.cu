@@ -31,7 +31,8 @@ __global__ void quantize_kernel(QuantShape s, long long unit, long long units_pe
     int slot = 0;
     for (long long g0 = begin; g0 < end; g0 += s.group_size) {
       const long long gi = row * groups_per_row + g0 / s.group_size;
-      const GroupCoder c = group_params<T, BITS>(xr + g0, s.group_size, scale + gi, zero + gi);
+      const T* xg = xr + g0;
+      const GroupCoder c = group_params<T, BITS>([xg](int i) { return to_float(xg[i]); }, s.group_size, scale + gi, zero + gi);
       // Second read of the group hits L1: it was just loaded by this thread.
       for (int i = 0; i < s.group_size; ++i) {
         acc |= encode<BITS>(to_float(xr[g0 + i]), c) << (BITS * slot);
