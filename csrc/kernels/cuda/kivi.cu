@@ -221,10 +221,12 @@ template <typename T>
 cudaError_t append_typed(const KiviStorage& s, const Strided& kn, const Strided& vn, long long new_len,
                          const int64_t* new_lengths, cudaStream_t stream) {
   const KiviDims k = kivi_dims(s);
-  // Enough threads for the most a row can have to do: new_len tokens plus a residual's worth.
-  const long long tokens = new_len + s.residual;
-  const long long most = tokens * (k.v_groups + k.D / k.G + 1) + tokens * 2 * k.D;
-  const dim3 grid(static_cast<unsigned>(std::min<long long>((most + 255) / 256, 4096)), static_cast<unsigned>(s.batch * s.heads));
+  // Threads for the most a row can have to do: at most new_len value tokens and new_len + R
+  // key tokens leave the residual; at most new_len tokens of each enter it.
+  const long long quantize = new_len * k.v_groups + k.D * ((new_len + k.R) / k.G), fill = 2 * new_len * k.D;
+  const long long most = std::max(quantize, fill);
+  const dim3 grid(static_cast<unsigned>(std::min<long long>((most + 255) / 256, 4096)),
+                  static_cast<unsigned>(s.batch * s.heads));
   if (s.bits == 2) {
     quantize_leaving_kernel<T, 2><<<grid, 256, 0, stream>>>(s, k, kn, vn, new_len, new_lengths);
   } else {
