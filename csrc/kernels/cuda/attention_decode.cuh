@@ -220,7 +220,6 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = 0; e < kVec; ++e) acc_s[slot][r][d0 + e] = acc[r][e];
   }
   __syncthreads();
-  T* out = static_cast<T*>(a.out);
   for (int idx = tid; idx < ROWS * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;
     if (row0 + r >= group) continue;
@@ -234,18 +233,7 @@ __global__ void __launch_bounds__(kThreads)
         o += acc_s[s][r][d] * w;
       }
     }
-    const long long row = b * a.q_heads + hk * group + row0 + r;  // q_len is 1
-    if (gridDim.x == 1) {
-      out[row * D + d] = from_float<T>(sum > 0.0f ? o / sum : 0.0f);
-      if (d == 0 && a.lse) a.lse[row] = sum > 0.0f ? mx + logf(sum) : -INFINITY;
-    } else {
-      float* part = partial + (split * a.batch * a.q_heads + row) * (D + 2);
-      part[d] = o;
-      if (d == 0) {
-        part[D] = mx;
-        part[D + 1] = sum;
-      }
-    }
+    write_result<T>(a, partial, split, b * a.q_heads + hk * group + row0 + r, d, o, mx, sum, true);  // q_len is 1
   }
 }
 

@@ -259,26 +259,13 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
 
-  T* out = static_cast<T*>(a.out);
 #pragma unroll
   for (int k = 0; k < kAccPerThread; ++k) {
     const int idx = tid + k * kThreads;
     if (idx >= kRows * D || row0 + idx / D >= group * a.q_len) continue;
     const int r = idx / D, d = idx % D;
     const long long hq = hk * group + (row0 + r) % group, i = row_query(r);
-    const long long o = (b * a.q_heads + hq) * a.q_len + i;
-    if (gridDim.x == 1) {
-      const float l = l_s[r];
-      out[o * D + d] = from_float<T>(row_valid(r) && l > 0.0f ? acc[k] / l : 0.0f);
-      if (d == 0 && a.lse) a.lse[o] = row_valid(r) ? m_s[r] + logf(l) : -INFINITY;
-    } else {
-      float* part = partial + (split * a.batch * a.q_heads * a.q_len + o) * (D + 2);
-      part[d] = acc[k];
-      if (d == 0) {
-        part[D] = m_s[r];
-        part[D + 1] = l_s[r];
-      }
-    }
+    write_result<T>(a, partial, split, (b * a.q_heads + hq) * a.q_len + i, d, acc[k], m_s[r], l_s[r], row_valid(r));
   }
 }
 
@@ -359,14 +346,28 @@ cudaError_t run_decode(const AttentionArgs& a, const Rows& cached, void* workspa
   }
 }
 
+// The tensor-core kernel's shared-memory opt-in and occupancy, once per kernel and process at
+// its largest size (the deepest tree mask): a speculative step calls it per layer.
+template <typename T, int D, typename Rows>
+cudaError_t mma_setup(long long* slots) {
+  static const cudaError_t err = [] {
+    return cudaFuncSetAttribute(mma::mma_kernel<T, D, Rows>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(mma::Layout<D>::bytes(mma::kMaxTreeWords)));
+  }();
+  static const long long resident =
+      slots_for(mma::mma_kernel<T, D, Rows>, mma::kThreads, mma::Layout<D>::bytes(mma::kMaxTreeWords));
+  *slots = resident;
+  return err;
+}
+
 template <typename T, int D, typename Rows>
 cudaError_t run_mma_dim(const AttentionArgs& a, const Rows& cached, void* workspace, cudaStream_t stream) {
   auto kernel = mma::mma_kernel<T, D, Rows>;
-  const size_t smem = mma::Layout<D>::bytes(mma::tree_words(a));
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  long long slots = 0;
+  const cudaError_t err = mma_setup<T, D, Rows>(&slots);
   if (err != cudaSuccess) return err;
-  const mma::Plan p = mma::plan(a, slots_for(kernel, mma::kThreads, smem));
+  const size_t smem = mma::Layout<D>::bytes(mma::tree_words(a));
+  const mma::Plan p = mma::plan(a, slots);
   const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_blocks);
   float* partial = static_cast<float*>(workspace);
   kernel<<<grid, mma::kThreads, smem, stream>>>(a, cached, p.tokens_per_split, p.mask_words, partial);

@@ -250,24 +250,12 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // k_s, v_s are restaged next
   }
 
-  T* out = static_cast<T*>(a.out);
   for (int idx = tid; idx < kRows * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;
     if (row0 + r >= rows) continue;
     const long long hq = hk * group + (row0 + r) % group, i = row_query(r);
-    const long long o = (b * a.q_heads + hq) * a.q_len + i;
-    const float l = l_s[r], x = o_s[r * L::ldo + d];
-    if (gridDim.x == 1) {
-      out[o * D + d] = from_float<T>(row_valid(r) && l > 0.0f ? x / l : 0.0f);
-      if (d == 0 && a.lse) a.lse[o] = row_valid(r) && l > 0.0f ? m_s[r] + logf(l) : -INFINITY;
-    } else {
-      float* part = partial + (split * a.batch * a.q_heads * a.q_len + o) * (D + 2);
-      part[d] = x;
-      if (d == 0) {
-        part[D] = m_s[r];
-        part[D + 1] = l_s[r];
-      }
-    }
+    write_result<T>(a, partial, split, (b * a.q_heads + hq) * a.q_len + i, d, o_s[r * L::ldo + d], m_s[r], l_s[r],
+                    row_valid(r));
   }
 }
 

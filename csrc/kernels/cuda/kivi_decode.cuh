@@ -253,25 +253,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc_s[(slot * ROWS + r) * D + d0 + e] = acc[r][e] + zacc[r];
   __syncthreads();
-  T* out = static_cast<T*>(a.out);
   for (int idx = tid; idx < ROWS * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;
     if (row0 + r >= group) continue;
     float o = 0.0f;
     for (int s = 0; s < kSlots; ++s) o += acc_s[(s * ROWS + r) * D + d];
-    const float l = l_s[r];
-    const long long row = b * a.q_heads + hk * group + row0 + r;  // q_len is 1
-    if (gridDim.x == 1) {
-      out[row * D + d] = from_float<T>(l > 0.0f ? o / l : 0.0f);
-      if (d == 0 && a.lse) a.lse[row] = l > 0.0f ? m_s[r] + logf(l) : -INFINITY;
-    } else {
-      float* part = partial + (split * a.batch * a.q_heads + row) * (D + 2);
-      part[d] = o;
-      if (d == 0) {
-        part[D] = m_s[r];
-        part[D + 1] = l;
-      }
-    }
+    write_result<T>(a, partial, split, b * a.q_heads + hk * group + row0 + r, d, o, m_s[r], l_s[r], true);  // q_len 1
   }
 }
 

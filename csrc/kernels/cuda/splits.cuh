@@ -1,5 +1,11 @@
-// effx: how the CUDA attention paths cut a token range across blocks (flash-decoding).
+// effx: how the CUDA attention paths cut a token range across blocks (flash-decoding), and
+// what each block writes: the result itself, or its split's partial for combine_kernel.
 #pragma once
+
+#include <cmath>
+
+#include "dtype.cuh"
+#include "effx/attention.h"
 
 namespace effx {
 namespace cuda {
@@ -18,6 +24,28 @@ inline Splits one_wave(long long total, long long units, long long slots, long l
   count = count < 1 ? 1 : count;
   const long long per = (total + count - 1) / count;
   return Splits{static_cast<int>(count), (per + align - 1) / align * align};
+}
+
+// Element d of query row o (its index in [B, Hq, Tq]) from a block that holds its unnormalized
+// sum `acc`, running max m and softmax sum l: the output and (d = 0) the LSE when one split
+// covers the whole range, else the split's partial (acc, m, l). Padding rows (valid false)
+// get 0 and -inf.
+template <typename T>
+__device__ __forceinline__ void write_result(const AttentionArgs& a, float* partial, int split, long long o, int d,
+                                             float acc, float m, float l, bool valid) {
+  const long long D = a.head_dim;
+  if (gridDim.x == 1) {
+    const bool some = valid && l > 0.0f;
+    static_cast<T*>(a.out)[o * D + d] = from_float<T>(some ? acc / l : 0.0f);
+    if (d == 0 && a.lse) a.lse[o] = some ? m + logf(l) : -INFINITY;
+  } else {
+    float* part = partial + (split * a.batch * a.q_heads * a.q_len + o) * (D + 2);
+    part[d] = acc;
+    if (d == 0) {
+      part[D] = m;
+      part[D + 1] = l;
+    }
+  }
 }
 
 }  // namespace cuda
