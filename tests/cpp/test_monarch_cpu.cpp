@@ -115,6 +115,7 @@ void check_shapes() {
   check_all_dtypes({300, 8, 16, 16, 8, 16, 16, 128}, 4);      // 3 row tiles shared by 4 threads
   check_all_dtypes({300, 8, 16, 16, 8, 16, 16, 128}, 2);      // whole tiles per thread
   check_all_dtypes({130, 2, 12, 9, 6, 5, 4, 18}, 3);          // l != k, chunked blocks
+  check_all_dtypes({150, 20, 3, 5, 20, 4, 3, 103}, 2);        // l past a vector: the P2 transpose
   check_all_dtypes({1, 1, 1, 1, 1, 1, 1, 1}, 2);               // the smallest shape
 }
 

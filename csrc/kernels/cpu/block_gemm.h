@@ -11,6 +11,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "effx/dtype.h"
 
 namespace effx {
@@ -39,26 +43,6 @@ template <typename T> inline T narrow(double v) { return static_cast<T>(v); }
 template <> inline Half narrow<Half>(double v) { return from_float<Half>(static_cast<float>(v)); }
 template <> inline BFloat16 narrow<BFloat16>(double v) {
   return from_float<BFloat16>(static_cast<float>(v));
-}
-
-// `blocks` row-major rows x cols matrices in the accumulation type, each optionally
-// transposed, so that the micro-kernel reads them in place with unit stride. A no-op view for
-// fp32/fp64 blocks that need no transpose.
-template <typename Acc, typename T>
-const Acc* blocks_as(const T* w, int64_t blocks, int64_t rows, int64_t cols, bool transpose,
-                     std::vector<Acc>& storage) {
-  if constexpr (std::is_same_v<T, Acc>) {
-    if (!transpose) return w;
-  }
-  storage.resize(blocks * rows * cols);
-  for (int64_t g = 0; g < blocks; ++g) {
-    const T* src = w + g * rows * cols;
-    Acc* dst = storage.data() + g * rows * cols;
-    for (int64_t a = 0; a < rows; ++a)
-      for (int64_t b = 0; b < cols; ++b)
-        dst[transpose ? b * rows + a : a * cols + b] = widen(src[a * cols + b]);
-  }
-  return storage.data();
 }
 
 // The row range [begin, end) of chunk `c` out of `chunks` over `n` rows.

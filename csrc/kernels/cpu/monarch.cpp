@@ -2,7 +2,8 @@
 // include/effx/monarch.h). Rows are processed in tiles of kTileRows; for each tile, stage 1
 // (k blocks of w1) writes the intermediate out1 as [n_mid][tile] into a buffer that stays in
 // cache, and stage 2 (l blocks of w2) reads it back through the P1 stride pattern, so out1
-// never goes to memory. The forward gives whole tiles to threads when there are enough of
+// never goes to memory. The forward's stage 2 writes a second tile buffer, which one transpose
+// per output column group copies to out in whole vectors (the P2 permutation). The forward gives whole tiles to threads when there are enough of
 // them. Otherwise, and in the backward, threads split each tile's stages by weight blocks
 // (row chunks when blocks are fewer than threads), so the weight gradients need no reduction
 // across threads.
@@ -49,16 +50,31 @@ void stage1_item(const MonarchShape& m, const Acc* w1, const T* x, int64_t t0, i
          MatC<Acc>{mid + (i * m.q + a0) * tile, tile, 1}, false, ws);
 }
 
-// Stage 2 of the forward, work item `item` of l * chunks:
-// out[t0 + t, d*l + j] = sum_c w2[j, d, c] mid[(c*l + j) * tile + t].
-template <class K, typename T, typename Acc>
-void stage2_item(const MonarchShape& m, const Acc* w2, const Acc* mid, int64_t t0, int64_t nt,
-                 int64_t tile, T* out, int64_t chunks, int64_t item, Workspace<Acc>& ws) {
+// Stage 2 of the forward, work item `item` of l * chunks, into the tile buffer:
+// out2[(d*l + j) * tile + t] = sum_c w2[j, d, c] mid[(c*l + j) * tile + t].
+template <class K, typename Acc>
+void stage2_item(const MonarchShape& m, const Acc* w2, const Acc* mid, int64_t nt, int64_t tile,
+                 Acc* out2, int64_t chunks, int64_t item, Workspace<Acc>& ws) {
   const int64_t j = item / chunks, ch = item % chunks;
   const int64_t d0 = chunk_begin(m.s, chunks, ch), d1 = chunk_begin(m.s, chunks, ch + 1);
   K::run(d1 - d0, nt, m.r, MatA<Acc>{w2 + (j * m.s + d0) * m.r, m.r, 1},
-         MatB<Acc>{mid + j * tile, m.l * tile, 1},
-         MatC<T>{out + t0 * m.n_out() + d0 * m.l + j, m.l, m.n_out()}, false, ws);
+         MatB<Acc>{mid + j * tile, m.l * tile, 1}, MatC<Acc>{out2 + (d0 * m.l + j) * tile, m.l * tile, 1},
+         false, ws);
+}
+
+// out[t0 + t, d*l + j] = out2[(d*l + j) * tile + t] for d in [d0, d1): the permutation P2, one
+// l x nt transpose per d. Stage 2 writing out directly scattered every element to its own
+// cache line (stride l along d, n_out along t).
+template <class K, typename T, typename Acc>
+void write_out(const MonarchShape& m, const Acc* out2, int64_t t0, int64_t nt, int64_t tile,
+               int64_t d0, int64_t d1, T* out) {
+  // Row bands of out outer: a band's rows are written front to back as d advances, a few
+  // sequential streams instead of one per row of the tile.
+  constexpr int64_t kBand = 16;
+  for (int64_t b0 = 0; b0 < nt; b0 += kBand)
+    for (int64_t d = d0; d < d1; ++d)
+      K::transpose_out(m.l, std::min(kBand, nt - b0), out2 + d * m.l * tile + b0, tile,
+                   out + (t0 + b0) * m.n_out() + d * m.l, m.n_out());
 }
 
 template <class K, typename T>
@@ -67,8 +83,8 @@ void forward_impl(const MonarchShape& m, const T* x, const T* w1_in, const T* w2
   using Acc = typename block_gemm::AccOf<T>::type;
   if (m.rows == 0) return;
   std::vector<Acc> w1_store, w2_store;
-  const Acc* w1 = block_gemm::blocks_as<Acc>(w1_in, m.k, m.q, m.p, false, w1_store);
-  const Acc* w2 = block_gemm::blocks_as<Acc>(w2_in, m.l, m.s, m.r, false, w2_store);
+  const Acc* w1 = K::template weights<Acc>(w1_in, m.k, m.q, m.p, false, w1_store, num_threads);
+  const Acc* w2 = K::template weights<Acc>(w2_in, m.l, m.s, m.r, false, w2_store, num_threads);
   const int threads = threads_for(m, num_threads);
   const int64_t tile = std::min(kTileRows, m.rows);
   const int64_t tiles = (m.rows + tile - 1) / tile;
@@ -80,19 +96,20 @@ void forward_impl(const MonarchShape& m, const T* x, const T* w1_in, const T* w2
 #pragma omp parallel num_threads(threads)
     {
       Workspace<Acc> ws;
-      std::vector<Acc> mid(m.n_mid() * tile);
+      std::vector<Acc> mid(m.n_mid() * tile), out2(m.n_out() * tile);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t tt = 0; tt < tiles; ++tt) {
         const int64_t t0 = tt * tile, nt = std::min(tile, m.rows - t0);
         for (int64_t i = 0; i < m.k; ++i) stage1_item<K>(m, w1, x, t0, nt, tile, mid.data(), 1, i, ws);
-        for (int64_t j = 0; j < m.l; ++j) stage2_item<K>(m, w2, mid.data(), t0, nt, tile, out, 1, j, ws);
+        for (int64_t j = 0; j < m.l; ++j) stage2_item<K>(m, w2, mid.data(), nt, tile, out2.data(), 1, j, ws);
+        write_out<K>(m, out2.data(), t0, nt, tile, 0, m.s, out);
       }
     }
     return;
   }
   // Few rows: threads share each tile, split by weight blocks, with a barrier per stage.
   const int64_t c1 = chunks_per_block(m.k, m.q, threads), c2 = chunks_per_block(m.l, m.s, threads);
-  std::vector<Acc> mid(m.n_mid() * tile);
+  std::vector<Acc> mid(m.n_mid() * tile), out2(m.n_out() * tile);
 #pragma omp parallel num_threads(threads)
   {
     Workspace<Acc> ws;
@@ -103,7 +120,10 @@ void forward_impl(const MonarchShape& m, const T* x, const T* w1_in, const T* w2
         stage1_item<K>(m, w1, x, t0, nt, tile, mid.data(), c1, item, ws);
 #pragma omp for schedule(static)
       for (int64_t item = 0; item < m.l * c2; ++item)
-        stage2_item<K>(m, w2, mid.data(), t0, nt, tile, out, c2, item, ws);
+        stage2_item<K>(m, w2, mid.data(), nt, tile, out2.data(), c2, item, ws);
+#pragma omp for schedule(static)
+      for (int64_t th = 0; th < threads; ++th)
+        write_out<K>(m, out2.data(), t0, nt, tile, chunk_begin(m.s, threads, th), chunk_begin(m.s, threads, th + 1), out);
     }
   }
 }
@@ -114,9 +134,9 @@ void backward_impl(const MonarchShape& m, const T* dout, const T* x, const T* w1
   using Acc = typename block_gemm::AccOf<T>::type;
   const int64_t n_in = m.n_in(), n_out = m.n_out();
   std::vector<Acc> w1_store, w1t_store, w2t_store;
-  const Acc* w1 = block_gemm::blocks_as<Acc>(w1_in, m.k, m.q, m.p, false, w1_store);
-  const Acc* w1t = block_gemm::blocks_as<Acc>(w1_in, m.k, m.q, m.p, true, w1t_store);  // [i][b][a]
-  const Acc* w2t = block_gemm::blocks_as<Acc>(w2_in, m.l, m.s, m.r, true, w2t_store);  // [j][c][d]
+  const Acc* w1 = K::template weights<Acc>(w1_in, m.k, m.q, m.p, false, w1_store, num_threads);
+  const Acc* w1t = K::template weights<Acc>(w1_in, m.k, m.q, m.p, true, w1t_store, num_threads);  // [i][b][a]
+  const Acc* w2t = K::template weights<Acc>(w2_in, m.l, m.s, m.r, true, w2t_store, num_threads);  // [j][c][d]
   // Weight gradients accumulate over tiles in Acc: in place for fp32/fp64, else in buffers.
   std::vector<Acc> dw1_store, dw2_store;
   Acc* dw1;

@@ -31,13 +31,6 @@ int threads_for(const BlockSparseShape& s, int num_threads) {
   return work < kSerialWork ? 1 : std::max(1, num_threads);
 }
 
-// acc[a * tile + t] -> dst[t * ld + a], rounded once.
-template <typename T, typename Acc>
-void store_tile(const Acc* acc, int64_t n, int64_t nt, int64_t tile, T* dst, int64_t ld) {
-  for (int64_t t = 0; t < nt; ++t)
-    for (int64_t a = 0; a < n; ++a) dst[t * ld + a] = block_gemm::narrow<T>(acc[a * tile + t]);
-}
-
 template <class K, typename T>
 void forward_impl(const BlockSparseShape& s, const T* x, const T* blocks_in,
                   const int64_t* row_offsets, const int64_t* col_indices, T* out,
@@ -46,7 +39,7 @@ void forward_impl(const BlockSparseShape& s, const T* x, const T* blocks_in,
   if (s.rows == 0) return;
   const int64_t bs = s.block, n_out = s.out_features();
   std::vector<Acc> store;
-  const Acc* blocks = block_gemm::blocks_as<Acc>(blocks_in, s.nnz, bs, bs, false, store);
+  const Acc* blocks = K::template weights<Acc>(blocks_in, s.nnz, bs, bs, false, store, num_threads);
   const int64_t tile = std::min(kTileRows, s.rows);
 #pragma omp parallel num_threads(threads_for(s, num_threads))
   {
@@ -63,7 +56,7 @@ void forward_impl(const BlockSparseShape& s, const T* x, const T* blocks_in,
                  MatB<T>{x + t0 * s.x_row_stride + col_indices[e] * bs, 1, s.x_row_stride},
                  MatC<Acc>{acc.data(), tile, 1}, true, ws);
         }
-        store_tile(acc.data(), bs, nt, tile, out + t0 * n_out + rb * bs, n_out);
+        K::transpose_out(bs, nt, acc.data(), tile, out + t0 * n_out + rb * bs, n_out);  // rounded once
       }
     }
   }
@@ -76,7 +69,7 @@ void backward_impl(const BlockSparseShape& s, const T* dout, const T* x, const T
   using Acc = typename block_gemm::AccOf<T>::type;
   const int64_t bs = s.block, n_out = s.out_features(), n_in = s.in_features();
   std::vector<Acc> store;
-  const Acc* blocks_t = block_gemm::blocks_as<Acc>(blocks_in, s.nnz, bs, bs, true, store);
+  const Acc* blocks_t = K::template weights<Acc>(blocks_in, s.nnz, bs, bs, true, store, num_threads);
   std::vector<int64_t> row_of(s.nnz);
   for (int64_t rb = 0; rb < s.row_blocks; ++rb)
     for (int64_t e = row_offsets[rb]; e < row_offsets[rb + 1]; ++e) row_of[e] = rb;
@@ -98,7 +91,7 @@ void backward_impl(const BlockSparseShape& s, const T* dout, const T* x, const T
                  MatB<T>{dout + t0 * n_out + row_of[e] * bs, 1, n_out},
                  MatC<Acc>{acc.data(), tile, 1}, true, ws);
         }
-        store_tile(acc.data(), bs, nt, tile, dx + t0 * n_in + cb * bs, n_in);
+        K::transpose_out(bs, nt, acc.data(), tile, dx + t0 * n_in + cb * bs, n_in);
       }
     }
 #pragma omp for schedule(dynamic, 1)
