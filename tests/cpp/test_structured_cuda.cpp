@@ -4,6 +4,8 @@
 // block-sparse pattern with an empty block-row. Runs on a GPU, or on the SIMT emulator
 // (test_structured_simt); exits 77 (ctest: skipped) when neither is there.
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -52,7 +54,7 @@ void monarch(DType dtype, const effx::MonarchShape& m) {
                               gw2.data(), 2);
   T *dx = to_device(x), *dw1 = to_device(w1), *dw2 = to_device(w2), *ddout = to_device(dout);
   T *dout_ = to_device(out), *dgx = to_device(gx), *dgw1 = to_device(gw1), *dgw2 = to_device(gw2);
-  float* ws = to_device(std::vector<float>(effx::cuda::monarch_workspace_floats(m, true)));
+  auto* ws = to_device(std::vector<uint8_t>(effx::cuda::monarch_workspace_bytes(m, dtype, true)));
   CUDA_OK(effx::cuda::monarch_forward(m, dtype, dx, dw1, dw2, dout_, ws, nullptr));
   CUDA_OK(effx::cuda::monarch_backward(m, dtype, ddout, dx, dw1, dw2, dgx, dgw1, dgw2, ws, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
@@ -103,10 +105,16 @@ void pixelfly(DType dtype, int64_t rows, int64_t block, int64_t R, int64_t C, in
 }
 
 template <typename T>
-void all_cases(DType dtype) {
+void monarch_cases(DType dtype) {
   // rows, k, q, p, l, s, r, x_row_stride
   monarch<T>(dtype, {37, 4, 16, 16, 4, 16, 16, 64});
   monarch<T>(dtype, {70, 3, 24, 20, 6, 10, 12, 64});  // rectangular blocks, l * r = k * q, strided x
+  monarch<T>(dtype, {45, 4, 3, 5, 2, 6, 6, 21});      // q % l != 0: out1 kept as [t][n_mid]
+  monarch<T>(dtype, {300, 4, 64, 64, 4, 64, 64, 256});  // whole 16-byte loads and stores
+}
+
+template <typename T>
+void pixelfly_cases(DType dtype) {
   pixelfly<T>(dtype, 45, 16, 4, 3, 0);
   pixelfly<T>(dtype, 20, 32, 3, 4, 8);
 }
@@ -115,9 +123,17 @@ void all_cases(DType dtype) {
 
 int main() {
   require_device("structured_cuda");
-  all_cases<float>(DType::Float32);
-  all_cases<effx::Half>(DType::Float16);
-  all_cases<effx::BFloat16>(DType::BFloat16);
+  monarch_cases<float>(DType::Float32);
+  // The tensor-core GEMM at each tile size, whatever the shape would pick.
+  for (const char* tile : {"64", "128"}) {
+    setenv("EFFX_CUDA_GEMM_TILE", tile, 1);
+    monarch_cases<effx::Half>(DType::Float16);
+    monarch_cases<effx::BFloat16>(DType::BFloat16);
+  }
+  unsetenv("EFFX_CUDA_GEMM_TILE");
+  pixelfly_cases<float>(DType::Float32);
+  pixelfly_cases<effx::Half>(DType::Float16);
+  pixelfly_cases<effx::BFloat16>(DType::BFloat16);
   std::printf("structured_cuda: ok\n");
   return 0;
 }

@@ -40,17 +40,6 @@ struct AttentionPlan {
   size_t workspace_bytes;
 };
 
-// Read once per process: a decode step calls this per layer, and the workspace size and the
-// launch must agree on it (effx assumes the process's GPUs are of one kind).
-inline int multiprocessors() {
-  static const int sms = [] {
-    int device = 0, n = 132;
-    if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    return n;
-  }();
-  return sms;
-}
-
 // EFFX_CUDA_ATTENTION=engine sends every call to the fp32 shared-memory engine: the reference
 // the fast paths are compared with (benchmarks, a suspected fast-path bug on new hardware).
 inline bool fast_paths_enabled() {

@@ -1,8 +1,10 @@
-// effx: device-side fp32 conversions for the storage dtypes of include/effx/dtype.h.
+// effx: device-side fp32 conversions for the storage dtypes of include/effx/dtype.h, and launch
+// sizing helpers.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
 
 namespace effx {
 namespace cuda {
@@ -28,6 +30,18 @@ template <> __device__ __forceinline__ __half from_float_up<__half>(float x) {
 }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float_up<__nv_bfloat16>(float x) {
   return __float2bfloat16_ru(x);
+}
+
+// The multiprocessors of the current GPU, read once per process: a decode step asks per layer,
+// and a workspace size and the launch that uses it must agree (effx assumes the process's GPUs
+// are of one kind).
+inline int multiprocessors() {
+  static const int sms = [] {
+    int device = 0, n = 132;
+    if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    return n;
+  }();
+  return sms;
 }
 
 // Grid size for a grid-stride loop over `work` items: enough blocks to fill the device

@@ -1,5 +1,5 @@
 // effx family: Monarch matmul, CUDA operator implementations (host C++; the kernels are in
-// csrc/kernels/cuda/monarch.cu). The fp32 workspace for out1 comes from torch's caching
+// csrc/kernels/cuda/monarch.cu). The workspace for the intermediates comes from torch's caching
 // allocator, on the current stream.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,8 +17,7 @@ void check_launch(cudaError_t err, const char* op) {
 }
 
 at::Tensor workspace(const MonarchCall& c, const at::Tensor& like, bool backward) {
-  return at::empty({cuda::monarch_workspace_floats(c.shape, backward)},
-                   like.options().dtype(at::kFloat));
+  return at::empty({cuda::monarch_workspace_bytes(c.shape, c.dtype, backward)}, like.options().dtype(at::kByte));
 }
 
 at::Tensor monarch_matmul_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
@@ -26,7 +25,7 @@ at::Tensor monarch_matmul_cuda(const at::Tensor& x, const at::Tensor& w1, const 
   MonarchCall c = prepare_monarch_forward(x, w1, w2);
   at::Tensor ws = workspace(c, x, false);
   check_launch(cuda::monarch_forward(c.shape, c.dtype, c.x.const_data_ptr(), c.w1.const_data_ptr(),
-                                     c.w2.const_data_ptr(), c.out.data_ptr(), ws.data_ptr<float>(),
+                                     c.w2.const_data_ptr(), c.out.data_ptr(), ws.data_ptr(),
                                      at::cuda::getCurrentCUDAStream()),
                "monarch_matmul");
   return c.out;
@@ -41,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_matmul_backward_cuda(
                                       c.x.const_data_ptr(), c.w1.const_data_ptr(),
                                       c.w2.const_data_ptr(), c.out.data_ptr(),
                                       c.grad_w1.data_ptr(), c.grad_w2.data_ptr(),
-                                      ws.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+                                      ws.data_ptr(), at::cuda::getCurrentCUDAStream()),
                "monarch_matmul_backward");
   return {c.out, c.grad_w1, c.grad_w2};
 }
