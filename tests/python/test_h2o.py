@@ -74,6 +74,22 @@ def test_dtypes_chunked_prefill_and_ragged_rows(device, dtype):
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
+def test_scores_over_many_kernel_blocks(device):
+    """A prefill and decode steps over a few hundred tokens: the softmax and the scores run
+    over several of the kernel's token blocks (rescaled block by block), ragged rows."""
+    torch.manual_seed(31)
+    b, h, hq, d = 2, 2, 4, 32
+    cache = kv.H2OCache(1, b, h, d, 320, heavy=150, recent=150, dtype=torch.float32, device=device)
+    rows = [H2ORow(h, 150, 150) for _ in range(b)]
+    lengths = torch.tensor([290, 203], device=device)
+    check_against_reference(cache, rows, randn(b, hq, 290, d, device=device), randn(b, h, 290, d, device=device),
+                            randn(b, h, 290, d, device=device), lengths=lengths, tol=1e-4)
+    for _ in range(3):
+        check_against_reference(cache, rows, randn(b, hq, 1, d, device=device), randn(b, h, 1, d, device=device),
+                                randn(b, h, 1, d, device=device), tol=1e-4)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
 def test_budget_covering_everything_evicts_nothing(device):
     torch.manual_seed(2)
     cache = kv.H2OCache(1, 1, 2, 32, 64, heavy=30, recent=30, dtype=torch.float32, device=device)
