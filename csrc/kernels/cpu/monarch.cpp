@@ -3,10 +3,10 @@
 // (k blocks of w1) writes the intermediate out1 as [n_mid][tile] into a buffer that stays in
 // cache, and stage 2 (l blocks of w2) reads it back through the P1 stride pattern, so out1
 // never goes to memory. The forward's stage 2 writes a second tile buffer, which one transpose
-// per output column group copies to out in whole vectors (the P2 permutation). The forward gives whole tiles to threads when there are enough of
-// them. Otherwise, and in the backward, threads split each tile's stages by weight blocks
-// (row chunks when blocks are fewer than threads), so the weight gradients need no reduction
-// across threads.
+// per output column group copies to out in whole vectors (the P2 permutation). The forward
+// gives whole tiles to threads when there are enough of them. Otherwise, and in the backward,
+// threads split each tile's stages by weight blocks (row chunks when blocks are fewer than
+// threads), so the weight gradients need no reduction across threads.
 #include "effx/monarch.h"
 
 #include <algorithm>
@@ -74,7 +74,7 @@ void write_out(const MonarchShape& m, const Acc* out2, int64_t t0, int64_t nt, i
   for (int64_t b0 = 0; b0 < nt; b0 += kBand)
     for (int64_t d = d0; d < d1; ++d)
       K::transpose_out(m.l, std::min(kBand, nt - b0), out2 + d * m.l * tile + b0, tile,
-                   out + (t0 + b0) * m.n_out() + d * m.l, m.n_out());
+                       out + (t0 + b0) * m.n_out() + d * m.l, m.n_out());
 }
 
 template <class K, typename T>
@@ -123,7 +123,8 @@ void forward_impl(const MonarchShape& m, const T* x, const T* w1_in, const T* w2
         stage2_item<K>(m, w2, mid.data(), nt, tile, out2.data(), c2, item, ws);
 #pragma omp for schedule(static)
       for (int64_t th = 0; th < threads; ++th)
-        write_out<K>(m, out2.data(), t0, nt, tile, chunk_begin(m.s, threads, th), chunk_begin(m.s, threads, th + 1), out);
+        write_out<K>(m, out2.data(), t0, nt, tile, chunk_begin(m.s, threads, th),
+                     chunk_begin(m.s, threads, th + 1), out);
     }
   }
 }

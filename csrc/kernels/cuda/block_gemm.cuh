@@ -120,8 +120,14 @@ struct TileLoad {
     for (int i = 0; i < kRuns; ++i) {
       const int e = threadIdx.x + i * kThreads;
       S* dst = smem + (e / (FAST / V)) * LD + (e % (FAST / V)) * V;
+      if constexpr (std::is_same<S, T>::value) {  // one 16-byte store (LD * sizeof(S) is too)
+        uint4 raw;
+        memcpy(&raw, val[i], sizeof raw);
+        *reinterpret_cast<uint4*>(dst) = raw;
+      } else {
 #pragma unroll
-      for (int u = 0; u < V; ++u) dst[u] = convert<S>(val[i][u]);
+        for (int u = 0; u < V; ++u) dst[u] = convert<S>(val[i][u]);
+      }
     }
   }
 };
