@@ -508,41 +508,57 @@ class Hardware:
 _COMPRESSED = (BITS + 2 * 16 / GROUP) / 16  # 4-bit codes + fp16 scale and zero per 64 values, vs fp16
 
 
+_VARS = ["wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd", "Tp", "Tg"]
+_STREAMS = 5  # rows per phase: disk->cpu, cpu->gpu, gpu->cpu, cpu->disk, compute
+
+
 def _lp_rows(spec: ModelSpec, hw: Hardware, batch: int, num_batches: int, compress_weights: bool,
              compress_cache: bool):
-    """The linear cost model of one decode step for a block of ``batch * num_batches``
-    sequences, over x = [wg, wc, wd, cg, cc, cd, hg, hc, hd, T] (placement fractions and the
-    time per layer T). Returns (A_ub, b_ub, A_eq, b_eq, sequences): every I/O stream and the
-    compute are one row each of ``time <= T``; memory rows bound each tier's peak."""
+    """FlexGen's linear cost model of a block of ``batch * num_batches`` sequences, over
+    x = [wg, wc, wd, cg, cc, cd, hg, hc, hd, Tp, Tg]: the placement fractions of weights,
+    cache and activations, and the time per layer of the prefill (Tp) and of one decode step
+    (Tg). In each phase every I/O stream and the compute are one row of ``time <= T``, as
+    they overlap; memory rows bound each tier's peak. Returns (A_ub, b_ub, A_eq, b_eq,
+    sequences); the prefill rows come first, then the decode rows, then the memory rows."""
     seqs = batch * num_batches
     w = spec.layer_weight_bytes * (_COMPRESSED if compress_weights else 1.0)
     kv_tok = spec.kv_bytes_per_token * (_COMPRESSED if compress_cache else 1.0)
-    ctx = spec.prompt_len + spec.gen_len / 2  # mean context over the generation
-    cache_read = seqs * ctx * kv_tok           # cache of the layer read per step
-    cache_new = seqs * kv_tok                  # the new token's K and V written per step
-    cache_full = seqs * (spec.prompt_len + spec.gen_len) * kv_tok
+    prompt = spec.prompt_len
+    ctx = prompt + spec.gen_len / 2  # mean context over the generation
+    cache_prompt = seqs * prompt * kv_tok  # the prompt's K and V of the layer, written in the prefill
+    cache_read = seqs * ctx * kv_tok       # cache of the layer read per decode step
+    cache_new = seqs * kv_tok              # the new token's K and V written per step
+    cache_full = seqs * (prompt + spec.gen_len) * kv_tok
     act = seqs * spec.hidden * spec.dtype_bytes
+    act_prompt = act * prompt
     gb = 1e9
     h2d, d2h, dr, dw = hw.h2d_gbps * gb, hw.d2h_gbps * gb, hw.disk_read_gbps * gb, hw.disk_write_gbps * gb
-    flops = seqs * (2 * spec.layer_params + 4 * ctx * spec.hidden)
-    compute = flops / (hw.matmul_tflops * 1e12)
-    z = [0.0] * 10
+    rate = hw.matmul_tflops * 1e12
+    # Causal attention of the prompt: QK^T and PV over half of a prompt x prompt matrix.
+    compute_prefill = seqs * prompt * (2 * spec.layer_params + 2 * prompt * spec.hidden) / rate
+    compute_decode = seqs * (2 * spec.layer_params + 4 * ctx * spec.hidden) / rate
 
     def row(**coef):
-        r = list(z)
-        names = ["wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd", "T"]
+        r = [0.0] * len(_VARS)
         for k, v in coef.items():
-            r[names.index(k)] = v
+            r[_VARS.index(k)] = v
         return r
 
     a_ub, b_ub = [], []
-    # Streams that overlap (FlexGen): disk->cpu, cpu->gpu, gpu->cpu, cpu->disk, compute.
-    a_ub.append(row(wd=w / dr, cd=cache_read / dr, hd=act / dr, T=-1)); b_ub.append(0.0)
-    a_ub.append(row(wc=w / h2d, wd=w / h2d, cc=cache_read / h2d, cd=cache_read / h2d, hc=act / h2d, hd=act / h2d, T=-1))
+    # Prefill: weights come in once, the prompt's cache goes out to its tiers.
+    a_ub.append(row(wd=w / dr, hd=act_prompt / dr, Tp=-1)); b_ub.append(0.0)
+    a_ub.append(row(wc=w / h2d, wd=w / h2d, hc=act_prompt / h2d, hd=act_prompt / h2d, Tp=-1)); b_ub.append(0.0)
+    a_ub.append(row(cc=cache_prompt / d2h, cd=cache_prompt / d2h, hc=act_prompt / d2h, hd=act_prompt / d2h, Tp=-1))
     b_ub.append(0.0)
-    a_ub.append(row(cc=cache_new / d2h, cd=cache_new / d2h, hc=act / d2h, hd=act / d2h, T=-1)); b_ub.append(0.0)
-    a_ub.append(row(cd=cache_new / dw, hd=act / dw, T=-1)); b_ub.append(0.0)
-    a_ub.append(row(T=-1)); b_ub.append(-compute)
+    a_ub.append(row(cd=cache_prompt / dw, hd=act_prompt / dw, Tp=-1)); b_ub.append(0.0)
+    a_ub.append(row(Tp=-1)); b_ub.append(-compute_prefill)
+    # Decode step: weights and the cache come in, the new token's cache goes out.
+    a_ub.append(row(wd=w / dr, cd=cache_read / dr, hd=act / dr, Tg=-1)); b_ub.append(0.0)
+    a_ub.append(row(wc=w / h2d, wd=w / h2d, cc=cache_read / h2d, cd=cache_read / h2d, hc=act / h2d, hd=act / h2d, Tg=-1))
+    b_ub.append(0.0)
+    a_ub.append(row(cc=cache_new / d2h, cd=cache_new / d2h, hc=act / d2h, hd=act / d2h, Tg=-1)); b_ub.append(0.0)
+    a_ub.append(row(cd=cache_new / dw, hd=act / dw, Tg=-1)); b_ub.append(0.0)
+    a_ub.append(row(Tg=-1)); b_ub.append(-compute_decode)
     L = spec.num_layers
     # Peak memory: resident shares of all layers plus the working set (two layers' weights
     # being computed / prefetched, one layer's full cache and activations on the GPU; two
@@ -554,6 +570,14 @@ def _lp_rows(spec: ModelSpec, hw: Hardware, batch: int, num_batches: int, compre
     return a_ub, b_ub, a_eq, [1.0, 1.0, 1.0], seqs
 
 
+def _time_per_token(spec: ModelSpec, seqs: int, prefill: float, decode: float) -> float:
+    """Seconds per generated token of a block: its prefill and gen_len - 1 decode steps
+    through every layer, over the block's seqs * gen_len tokens (the first token comes out
+    of the prefill)."""
+    steps = max(spec.gen_len, 1)
+    return spec.num_layers * (prefill + (steps - 1) * decode) / (seqs * steps)
+
+
 def predict_time_per_token(policy: Policy, spec: ModelSpec, hw: Hardware) -> float:
     """Seconds per generated token under the cost model (inf when a tier overflows)."""
     import numpy as np
@@ -561,34 +585,37 @@ def predict_time_per_token(policy: Policy, spec: ModelSpec, hw: Hardware) -> flo
     a_ub, b_ub, _, _, seqs = _lp_rows(spec, hw, policy.gpu_batch_size, policy.num_gpu_batches,
                                       policy.compress_weights, policy.compress_cache)
     x = np.array([policy.weights_gpu, policy.weights_cpu, policy.weights_disk, policy.cache_gpu, policy.cache_cpu,
-                  policy.cache_disk, policy.act_gpu, policy.act_cpu, policy.act_disk, 0.0]) / 100.0
-    a = np.asarray(a_ub)
-    stream = a[:5, :9] @ x[:9] - np.asarray(b_ub[:5])
-    if np.any(a[5:, :9] @ x[:9] > np.asarray(b_ub[5:]) + 1e-9 * np.abs(b_ub[5:]).max()):
+                  policy.cache_disk, policy.act_gpu, policy.act_cpu, policy.act_disk]) / 100.0
+    a, b = np.asarray(a_ub), np.asarray(b_ub)
+    streams = a[: 2 * _STREAMS, :9] @ x - b[: 2 * _STREAMS]
+    if np.any(a[2 * _STREAMS:, :9] @ x > b[2 * _STREAMS:] + 1e-9 * np.abs(b[2 * _STREAMS:]).max()):
         return math.inf
-    return spec.num_layers * float(stream.max()) / seqs
+    return _time_per_token(spec, seqs, float(streams[:_STREAMS].max()), float(streams[_STREAMS:].max()))
 
 
 def search_policy(spec: ModelSpec, hw: Hardware, *, compress_weights: bool = False, compress_cache: bool = False,
                   batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
                   num_gpu_batches: Sequence[int] = (1, 2, 4, 8, 16)) -> tuple[Policy, float]:
     """FlexGen's policy search: for each (GPU batch size, number of GPU batches) solve the
-    linear program over the placement fractions minimizing time per layer (scipy HiGHS),
-    and return the policy with the least time per generated token, and that time in seconds.
-    Raises ValueError when no placement fits the memory of the three tiers."""
+    linear program over the placement fractions minimizing a block's prefill plus gen_len - 1
+    decode steps (scipy HiGHS), and return the policy with the least time per generated
+    token, and that time in seconds. Raises ValueError when no placement fits the memory of
+    the three tiers."""
     import numpy as np
     from scipy.optimize import linprog
 
     best: tuple[float, Policy] | None = None
+    steps = max(spec.gen_len, 1)
     for bs, nb in itertools.product(batch_sizes, num_gpu_batches):
         a_ub, b_ub, a_eq, b_eq, seqs = _lp_rows(spec, hw, bs, nb, compress_weights, compress_cache)
-        c = np.zeros(10)
-        c[9] = 1.0
+        c = np.zeros(len(_VARS))
+        c[_VARS.index("Tp")] = 1.0
+        c[_VARS.index("Tg")] = steps - 1.0
         res = linprog(c, A_ub=np.asarray(a_ub), b_ub=np.asarray(b_ub), A_eq=np.asarray(a_eq), b_eq=np.asarray(b_eq),
-                      bounds=[(0, 1)] * 9 + [(0, None)], method="highs")
+                      bounds=[(0, 1)] * 9 + [(0, None)] * 2, method="highs")
         if res.status != 0:
             continue  # infeasible: this block does not fit the tiers
-        per_token = spec.num_layers * res.x[9] / seqs
+        per_token = _time_per_token(spec, seqs, res.x[9], res.x[10])
         if best is None or per_token < best[0]:
             x = np.clip(res.x[:9], 0.0, 1.0) * 100.0
             policy = Policy(weights_gpu=float(x[0]), weights_cpu=float(min(x[1], 100.0 - x[0])),

@@ -266,15 +266,16 @@ def test_block_schedule():
         offload.block_schedule(3, 0)
 
 
-# No generated tokens: a cached byte is then read exactly once per step, like a weight byte,
-# so trading weights for cache on any tier is neutral and the optimum sits on the grid.
+# No generated tokens: the cost is the prefill's. With writes from the GPU very slow, the
+# prompt's cache and the activations stay on the GPU, and the optimum sits on the grid.
 SPEC = offload.ModelSpec(num_layers=4, hidden=256, intermediate=512, num_heads=4, num_kv_heads=4, prompt_len=16,
                          gen_len=0)
 
 
 def _hardware_with_known_optimum(bs, nb):
     """GPU memory for 30% of the weights (plus cache and activations), CPU memory for 50%,
-    disk for 20%; the disk stream is then the bottleneck at 0.2 of the weights per layer."""
+    disk for 20%; the disk read stream is then the bottleneck at 0.2 of the weights per layer
+    (moving cache off the GPU to make room would cost far more in its writes)."""
     w = SPEC.layer_weight_bytes
     seqs = bs * nb
     cache_full = seqs * (SPEC.prompt_len + SPEC.gen_len) * SPEC.kv_bytes_per_token
@@ -283,7 +284,7 @@ def _hardware_with_known_optimum(bs, nb):
     return offload.Hardware(
         gpu_mem=2 * w + cache_full + 2 * act + 0.3 * L * w + L * cache_full + L * act + 1,
         cpu_mem=2 * w + 0.5 * L * w + 1, disk_mem=0.2 * L * w + 1,
-        h2d_gbps=10, d2h_gbps=10, disk_read_gbps=1, disk_write_gbps=1, matmul_tflops=1e6)
+        h2d_gbps=10, d2h_gbps=1e-6, disk_read_gbps=1, disk_write_gbps=1e-6, matmul_tflops=1e6)
 
 
 def _simplex(step):
@@ -307,6 +308,24 @@ def test_lp_matches_brute_force_on_a_grid():
     assert t_lp <= best * (1 + 1e-9)
     assert t_lp == pytest.approx(best, rel=1e-5)
     assert t_lp == pytest.approx(SPEC.num_layers * 0.2 * SPEC.layer_weight_bytes / 1e9 / (bs * nb), rel=1e-5)
+
+
+def test_time_per_token_counts_the_prefill_and_every_decode_step():
+    """Everything fits on the GPU, so compute alone sets the time: a causal prefill of P
+    tokens (2 flops per weight per token, QK^T and PV over half a P x P matrix), then
+    gen_len - 1 decode steps over the growing context, per generated token of the block."""
+    hw = offload.Hardware(gpu_mem=1e15, cpu_mem=1e15, disk_mem=1e15, h2d_gbps=10, d2h_gbps=10, disk_read_gbps=1,
+                          disk_write_gbps=1, matmul_tflops=1.0)
+    spec = offload.ModelSpec(num_layers=6, hidden=512, intermediate=1408, num_heads=8, num_kv_heads=2,
+                             prompt_len=384, gen_len=1)
+    seqs, P, L, params, d = 4, spec.prompt_len, spec.num_layers, spec.layer_params, spec.hidden
+    prefill = seqs * P * (2 * params + 2 * P * d) / 1e12
+    _, t = offload.search_policy(spec, hw, batch_sizes=(seqs,), num_gpu_batches=(1,))
+    assert t == pytest.approx(L * prefill / seqs, rel=1e-6)
+    longer = dataclasses_replace(spec, gen_len=33)
+    decode = seqs * (2 * params + 4 * (P + 33 / 2) * d) / 1e12
+    _, t33 = offload.search_policy(longer, hw, batch_sizes=(seqs,), num_gpu_batches=(1,))
+    assert t33 == pytest.approx(L * (prefill + 32 * decode) / (seqs * 33), rel=1e-6)
 
 
 def test_search_policy_prefers_bigger_blocks_and_rejects_impossible_hardware():
