@@ -545,20 +545,22 @@ def _lp_rows(spec: ModelSpec, hw: Hardware, batch: int, num_batches: int, compre
         return r
 
     a_ub, b_ub = [], []
-    # Prefill: weights come in once, the prompt's cache goes out to its tiers.
-    a_ub.append(row(wd=w / dr, hd=act_prompt / dr, Tp=-1)); b_ub.append(0.0)
-    a_ub.append(row(wc=w / h2d, wd=w / h2d, hc=act_prompt / h2d, hd=act_prompt / h2d, Tp=-1)); b_ub.append(0.0)
-    a_ub.append(row(cc=cache_prompt / d2h, cd=cache_prompt / d2h, hc=act_prompt / d2h, hd=act_prompt / d2h, Tp=-1))
-    b_ub.append(0.0)
-    a_ub.append(row(cd=cache_prompt / dw, hd=act_prompt / dw, Tp=-1)); b_ub.append(0.0)
-    a_ub.append(row(Tp=-1)); b_ub.append(-compute_prefill)
-    # Decode step: weights and the cache come in, the new token's cache goes out.
-    a_ub.append(row(wd=w / dr, cd=cache_read / dr, hd=act / dr, Tg=-1)); b_ub.append(0.0)
-    a_ub.append(row(wc=w / h2d, wd=w / h2d, cc=cache_read / h2d, cd=cache_read / h2d, hc=act / h2d, hd=act / h2d, Tg=-1))
-    b_ub.append(0.0)
-    a_ub.append(row(cc=cache_new / d2h, cd=cache_new / d2h, hc=act / d2h, hd=act / d2h, Tg=-1)); b_ub.append(0.0)
-    a_ub.append(row(cd=cache_new / dw, hd=act / dw, Tg=-1)); b_ub.append(0.0)
-    a_ub.append(row(Tg=-1)); b_ub.append(-compute_decode)
+
+    def phase(t: str, cache_in: float, cache_out: float, act_bytes: float, compute: float) -> None:
+        """One phase's streams, each <= its time t: the layer's weights and `cache_in` come in
+        from their tiers, `cache_out` goes out to its tiers, activations both ways."""
+        a_ub.append(row(wd=w / dr, cd=cache_in / dr, hd=act_bytes / dr, **{t: -1}))
+        a_ub.append(row(wc=w / h2d, wd=w / h2d, cc=cache_in / h2d, cd=cache_in / h2d, hc=act_bytes / h2d,
+                        hd=act_bytes / h2d, **{t: -1}))
+        a_ub.append(row(cc=cache_out / d2h, cd=cache_out / d2h, hc=act_bytes / d2h, hd=act_bytes / d2h, **{t: -1}))
+        a_ub.append(row(cd=cache_out / dw, hd=act_bytes / dw, **{t: -1}))
+        a_ub.append(row(**{t: -1}))
+        b_ub.extend([0.0, 0.0, 0.0, 0.0, -compute])
+
+    # Prefill: no cache to read, the prompt's written out. Decode step: the cache read, the
+    # new token's K and V written.
+    phase("Tp", 0.0, cache_prompt, act_prompt, compute_prefill)
+    phase("Tg", cache_read, cache_new, act, compute_decode)
     L = spec.num_layers
     # Peak memory: resident shares of all layers plus the working set (two layers' weights
     # being computed / prefetched, one layer's full cache and activations on the GPU; two
@@ -615,7 +617,7 @@ def search_policy(spec: ModelSpec, hw: Hardware, *, compress_weights: bool = Fal
                       bounds=[(0, 1)] * 9 + [(0, None)] * 2, method="highs")
         if res.status != 0:
             continue  # infeasible: this block does not fit the tiers
-        per_token = _time_per_token(spec, seqs, res.x[9], res.x[10])
+        per_token = _time_per_token(spec, seqs, res.x[_VARS.index("Tp")], res.x[_VARS.index("Tg")])
         if best is None or per_token < best[0]:
             x = np.clip(res.x[:9], 0.0, 1.0) * 100.0
             policy = Policy(weights_gpu=float(x[0]), weights_cpu=float(min(x[1], 100.0 - x[0])),
