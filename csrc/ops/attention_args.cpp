@@ -151,13 +151,17 @@ DenseAttentionCall prepare_dense_attention(const char* op, const at::Tensor& q, 
                                            const at::Tensor& v_cache, const at::Tensor& lengths,
                                            const std::optional<at::Tensor>& new_lengths,
                                            const std::optional<at::Tensor>& parents, bool causal,
-                                           double sm_scale) {
+                                           double sm_scale, int64_t window) {
   EFFX_CHECK(k_cache.dim() == 4, op, "k_cache must be 4-D [batch, kv_heads, capacity, head_dim], got shape ",
              k_cache.sizes());
+  EFFX_CHECK(window >= 0, op, "window must be >= 0 (0: no sliding window), got ", window);
+  EFFX_CHECK(window == 0 || (causal && !parents), op,
+             "a sliding window needs causal attention without a token tree (causal=True, parents=None)");
   DenseAttentionCall d{prepare_attention(op, q, k_new, v_new, lengths, new_lengths, parents, causal, sm_scale,
                                          k_cache.size(2)),
                        {}};
   d.kv = dense_kv(op, d.call, k_cache, v_cache);
+  d.call.args.window = window;
   return d;
 }
 

@@ -33,13 +33,14 @@ struct DenseAttentionCall {
 };
 
 // prepare_attention for a plain K/V cache pair [B, Hkv, capacity, D] (same strides for k and v,
-// head_dim contiguous): the dense_attention and h2o_attention ops on both backends.
+// head_dim contiguous): the dense_attention and h2o_attention ops on both backends. `window`:
+// the sliding window (0 for none), which needs causal attention without a tree.
 DenseAttentionCall prepare_dense_attention(const char* op, const at::Tensor& q, const at::Tensor& k_new,
                                            const at::Tensor& v_new, const at::Tensor& k_cache,
                                            const at::Tensor& v_cache, const at::Tensor& lengths,
                                            const std::optional<at::Tensor>& new_lengths,
                                            const std::optional<at::Tensor>& parents, bool causal,
-                                           double sm_scale);
+                                           double sm_scale, int64_t window = 0);
 
 // Strided view of a 4-D tensor whose last dim is contiguous.
 Strided strided(const at::Tensor& t);

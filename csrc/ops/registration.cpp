@@ -13,11 +13,12 @@ TORCH_LIBRARY(effx, m) {
       "ScalarType dtype) -> Tensor");
 
   // Fused attention over a KV cache plus the step's new tokens, one softmax over both
-  // (include/effx/attention.h). Returns (out [B, Hq, Tq, D], lse [B, Hq, Tq] fp32).
+  // (include/effx/attention.h), with an optional sliding window (0: none). Returns
+  // (out [B, Hq, Tq, D], lse [B, Hq, Tq] fp32).
   m.def(
       "dense_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor k_cache, Tensor v_cache, "
-      "Tensor lengths, Tensor? new_lengths, Tensor? parents, bool causal, float sm_scale) "
-      "-> (Tensor out, Tensor lse)");
+      "Tensor lengths, Tensor? new_lengths, Tensor? parents, bool causal, float sm_scale, "
+      "int window=0) -> (Tensor out, Tensor lse)");
 
   // H2O heavy hitters (SPECS.md section 3; storage in include/effx/h2o.h): dense attention that
   // also accumulates each cached token's attention probability into `scores`, and eviction.

@@ -8,6 +8,9 @@
 // new tokens: all of them (causal = false), those j <= i (causal = true), or its ancestors
 // and itself in the tree given by `parents` (parents[i] < i, -1 for children of the last
 // cached token). Queries i >= new_lengths[b] are padding: their output is 0, their LSE -inf.
+// A sliding window W > 0 (Mistral, Qwen2, HF "sliding_attention" layers; causal, no tree, no
+// scoring) hides every token at position t <= p - W from the query at position p, cached
+// token t sitting at position t.
 #pragma once
 
 #include <cstdint>
@@ -41,6 +44,7 @@ struct AttentionArgs {
   // to that sum.
   float* scores;
   int64_t scores_sb, scores_sh;
+  int64_t window = 0;           // sliding window in tokens, 0 for none
 };
 
 // Plain cached K/V: k, v [B, Hkv, capacity, D] with the given strides (shared by k and v).

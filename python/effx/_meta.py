@@ -26,7 +26,8 @@ def _attention_fake(q):
 
 
 @torch.library.register_fake("effx::dense_attention")
-def _dense_attention_fake(q, k_new, v_new, k_cache, v_cache, lengths, new_lengths, parents, causal, sm_scale):
+def _dense_attention_fake(q, k_new, v_new, k_cache, v_cache, lengths, new_lengths, parents, causal, sm_scale,
+                          window=0):
     return _attention_fake(q)
 
 

@@ -353,10 +353,6 @@ def _attend_cache(layer: EffxLayer, module, q, mask, scaling, sliding_window):
         _fail("effx_attention", "a token tree is waiting: call EffxCache.commit_tree before the next forward",
               RuntimeError)
     q_len = q.shape[2]
-    if sliding_window is not None and layer.seen + q_len > sliding_window:
-        _fail("effx_attention", f"layer {layer.index} uses a sliding window of {sliding_window} tokens, which effx "
-                                f"attention does not implement, and this step reaches {layer.seen + q_len}",
-              NotImplementedError)
     store = cache.storage(k_new, scaling)
     padding = _padding(mask, q_len)
     if padding is not None:
@@ -367,15 +363,15 @@ def _attend_cache(layer: EffxLayer, module, q, mask, scaling, sliding_window):
     if cache._tree is not None:
         if padding is not None and not padding.all_new_valid:
             _fail("effx_attention", "token trees cannot have padded tokens")
-        out = store.attend(layer.index, q, k_new, v_new, parents=cache._tree)
+        out = store.attend(layer.index, q, k_new, v_new, parents=cache._tree, window=sliding_window)
         cache._uncommitted = True
         return out
     if padding is None or padding.all_new_valid:
-        out = store.attend(layer.index, q, k_new, v_new)
+        out = store.attend(layer.index, q, k_new, v_new, window=sliding_window)
     else:
         order = padding.order
         out = store.attend(layer.index, _pack(q, order), _pack(k_new, order), _pack(v_new, order),
-                           lengths=padding.counts)
+                           lengths=padding.counts, window=sliding_window)
         out = _unpack(out, order)
     layer.seen += q_len
     return out
@@ -393,16 +389,16 @@ def _attend_full(module, q, k, v, mask, scaling, sliding_window):
                                 "effx cache cannot follow", RuntimeError)
     q_len, total = q.shape[2], k.shape[2]
     past = total - q_len
-    if sliding_window is not None and total > sliding_window:
-        _fail("effx_attention", f"a sliding window of {sliding_window} tokens is not implemented, and this step "
-                                f"attends {total}", NotImplementedError)
+    # A sliding-window cache layer keeps only the window's last tokens: masking by index is then
+    # masking by position still (index j of the kept tokens is position seen - kept + j).
+    window = sliding_window or 0
     padding = _padding(mask, q_len)
     k_new, v_new = k[:, :, past:], v[:, :, past:]
     if padding is None or (padding.all_new_valid and bool((padding.past_valid == past).all())):
         if k.stride() != v.stride() or k.stride(3) != 1:
             k, v = k.contiguous(), v.contiguous()
         lengths = torch.full((q.shape[0],), past, dtype=torch.int64, device=q.device)
-        out, _ = torch.ops.effx.dense_attention(q, k_new, v_new, k, v, lengths, None, None, True, scaling)
+        out, _ = torch.ops.effx.dense_attention(q, k_new, v_new, k, v, lengths, None, None, True, scaling, window)
         return out
     order = padding.order
     past_order = _valid_first(mask[:, :past].bool())
@@ -410,7 +406,7 @@ def _attend_full(module, q, k, v, mask, scaling, sliding_window):
     v_cache = torch.cat([_pack(v[:, :, :past], past_order), _pack(v_new, order)], 2)
     out, _ = torch.ops.effx.dense_attention(_pack(q, order), _pack(k_new, order), _pack(v_new, order), k_cache,
                                             v_cache, padding.past_valid.to(q.device), padding.counts.to(q.device),
-                                            None, True, scaling)
+                                            None, True, scaling, window)
     return _unpack(out, order)
 
 

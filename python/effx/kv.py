@@ -63,6 +63,7 @@ class KVCache(abc.ABC):
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, *,
                parents: torch.Tensor | Sequence[int] | None = None,
                lengths: torch.Tensor | Sequence[int] | None = None,
+               window: int | None = None,
                return_lse: bool = False):
         """Append ``k_new, v_new`` [B, Hkv, Tn, D] (already rotated) to ``layer`` and return the
         attention of ``q`` [B, Hq, Tn, D] over the cached plus new tokens, [B, Hq, Tn, D].
@@ -71,8 +72,12 @@ class KVCache(abc.ABC):
         rest is right padding: its outputs are 0 and it is not stored). ``parents`` ([Tn] or
         [B, Tn], ``parents[i] < i``, -1 for children of the last cached token) makes the new
         tokens a tree: each attends to its ancestors and itself; they are stored only when
-        :meth:`commit_tree` names the accepted ones. ``return_lse`` also returns the
-        log-sum-exp [B, Hq, Tn] (fp32) of the scaled scores.
+        :meth:`commit_tree` names the accepted ones. ``window`` (tokens, optional) is a
+        sliding window: the query at position p sees only positions > p - window (Mistral,
+        Qwen2, Hugging Face "sliding_attention" layers); policies that keep every token by
+        position (DenseCache, OffloadedCache) implement it, the others raise once it would hide
+        a token, and so do token trees. ``return_lse`` also returns the log-sum-exp
+        [B, Hq, Tn] (fp32) of the scaled scores.
         """
         name = f"{type(self).__name__}.attend"
         self._check_layer(name, layer)
@@ -90,12 +95,13 @@ class KVCache(abc.ABC):
             if ((tree < -1) | (tree >= idx)).any():
                 _fail(name, "parents[i] must be in [-1, i) (a node's parent comes before it)")
             tree = tree.to(self.device)
+        window = self._window_for(name, layer, window, tn, tree is not None)
         self._check_capacity(name, layer, added)
         if tree is None:
-            out, lse = self._attend_and_store(layer, q, k_new, v_new, new_lengths, added)
+            out, lse = self._attend_and_store(layer, q, k_new, v_new, new_lengths, added, window)
             self._host_lengths[layer] += added
         else:
-            out, lse = self._attention(layer, q, k_new, v_new, new_lengths, tree)
+            out, lse = self._attention(layer, q, k_new, v_new, new_lengths, tree, 0)
             self._pending[layer] = (q, k_new, v_new)
         return (out, lse) if return_lse else out
 
@@ -175,9 +181,13 @@ class KVCache(abc.ABC):
     def crop(self, n: int) -> None:
         """Forget every token past position ``n`` where the policy can (a clear error where not)."""
 
+    # Policies whose cached token t sits at position t implement the sliding window.
+    _windowed = False
+
     @abc.abstractmethod
-    def _attention(self, layer, q, k_new, v_new, new_lengths, parents):
-        """(out, lse) of the fused attention over cached + new tokens."""
+    def _attention(self, layer, q, k_new, v_new, new_lengths, parents, window):
+        """(out, lse) of the fused attention over cached + new tokens; ``window`` is the sliding
+        window (0: none, and always 0 unless the policy is ``_windowed``)."""
 
     @abc.abstractmethod
     def _append(self, layer, k_new, v_new, new_lengths, added):
@@ -190,9 +200,9 @@ class KVCache(abc.ABC):
         policies that score the path's queries."""
         self._append(layer, k_path, v_path, new_lengths, added)
 
-    def _attend_and_store(self, layer, q, k_new, v_new, new_lengths, added):
+    def _attend_and_store(self, layer, q, k_new, v_new, new_lengths, added, window):
         """A regular (non-tree) step: attention, then storage."""
-        out = self._attention(layer, q, k_new, v_new, new_lengths, None)
+        out = self._attention(layer, q, k_new, v_new, new_lengths, None, window)
         self._append(layer, k_new, v_new, new_lengths, added)
         return out
 
@@ -209,6 +219,24 @@ class KVCache(abc.ABC):
         """Replace every per-row storage tensor by its rows ``rows`` (on the cache's device)."""
 
     # --- checks --------------------------------------------------------------------------------
+    def _window_for(self, name: str, layer: int, window: int | None, tn: int, tree: bool) -> int:
+        """The kernels' window argument: 0 while the window hides nothing yet (every position
+        of the step is < window), else ``window``, where the policy and the step allow it."""
+        if window is None:
+            return 0
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            _fail(name, f"window must be a positive int or None, got {window!r}")
+        last = int(self._host_lengths[layer].max()) + tn - 1  # the step's last position
+        if last < window:
+            return 0
+        if not self._windowed:
+            _fail(name, f"position {last} is past the sliding window ({window}) and {type(self).__name__} does not "
+                        f"implement sliding-window attention (DenseCache and OffloadedCache do)")
+        if tree:
+            _fail(name, f"position {last} is past the sliding window ({window}): a token tree with a sliding window "
+                        f"is not implemented")
+        return window
+
     def _check_layer(self, name: str, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
             _fail(name, f"layer must be in [0, {self.num_layers}), got {layer}")
@@ -296,9 +324,11 @@ class DenseCache(KVCache):
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self._lengths = [torch.zeros(batch_size, dtype=torch.int64, device=self.device) for _ in range(num_layers)]
 
-    def _attention(self, layer, q, k_new, v_new, new_lengths, parents):
+    _windowed = True
+
+    def _attention(self, layer, q, k_new, v_new, new_lengths, parents, window):
         return torch.ops.effx.dense_attention(q, k_new, v_new, self.k[layer], self.v[layer], self._lengths[layer],
-                                              new_lengths, parents, True, self.sm_scale)
+                                              new_lengths, parents, True, self.sm_scale, window)
 
     def _append(self, layer, k_new, v_new, new_lengths, added):
         _store_tokens([(self.k[layer], k_new), (self.v[layer], v_new)], self._host_lengths[layer], added)
@@ -420,7 +450,7 @@ class KIVICache(KVCache):
 
     _STORAGE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_res", "v_res", "state")
 
-    def _attention(self, layer, q, k_new, v_new, new_lengths, parents):
+    def _attention(self, layer, q, k_new, v_new, new_lengths, parents, window):
         s = self._layers[layer]
         return torch.ops.effx.kivi_attention(q, k_new, v_new, *(s[n] for n in self._STORAGE), new_lengths, parents,
                                              self.bits, self.group_size, True, self.sm_scale)
@@ -528,7 +558,7 @@ class H2OCache(KVCache):
             return
         super()._check_capacity(name, layer, added)
 
-    def _attention(self, layer, q, k_new, v_new, new_lengths, parents):
+    def _attention(self, layer, q, k_new, v_new, new_lengths, parents, window):
         held = self._state[layer][:, 0]
         return torch.ops.effx.dense_attention(q, k_new, v_new, self.k[layer], self.v[layer], held, new_lengths,
                                               parents, True, self.sm_scale)
@@ -548,7 +578,7 @@ class H2OCache(KVCache):
                                   self._state[layer], self.heavy, self.recent)
         self._host_held[layer].clamp_(max=self.heavy + self.recent)
 
-    def _attend_and_store(self, layer, q, k_new, v_new, new_lengths, added):
+    def _attend_and_store(self, layer, q, k_new, v_new, new_lengths, added, window):
         if isinstance(added, int):
             added = torch.full((self.batch_size,), added, dtype=torch.int64)
         self._resolve_budget(int(added.max()))
@@ -575,7 +605,7 @@ class H2OCache(KVCache):
 
     def _commit_path(self, layer, q_tree, index, k_path, v_path, new_lengths, added):
         # The path's queries score as in the step that plain decoding would have made.
-        self._attend_and_store(layer, _tokens_at(q_tree, index), k_path, v_path, new_lengths, added)
+        self._attend_and_store(layer, _tokens_at(q_tree, index), k_path, v_path, new_lengths, added, 0)
 
     def _append(self, layer, k_new, v_new, new_lengths, added):
         # Tokens stored without attention (extend): zero scores, then the budget applies.

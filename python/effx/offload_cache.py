@@ -266,13 +266,15 @@ class OffloadedCache(KVCache):
         return staged[0], staged[1], slot
 
     # --- the cache hooks ----------------------------------------------------------------------
-    def _attention(self, layer, q, k_new, v_new, new_lengths, parents):
+    _windowed = True
+
+    def _attention(self, layer, q, k_new, v_new, new_lengths, parents, window):
         self._record("attend_begin", layer)
         k, v, slot = self._acquire(layer)
         if slot is not None and self._copy_stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
         out = torch.ops.effx.dense_attention(q, k_new, v_new, k, v, self._lengths[layer], new_lengths, parents, True,
-                                             self.sm_scale)
+                                             self.sm_scale, window)
         if slot is not None and self._copy_stream is not None:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))

@@ -1,10 +1,12 @@
 // effx C++ test: the CPU attention engine over a dense cache (include/effx/attention.h),
 // torch-free, against a double-precision softmax: cached blocks read in place and staged
-// blocks, decode rows and many-row units (block GEMM), a causal chunk and a token tree, head
-// dims that are not a multiple of the vector width, every storage dtype. Under AddressSanitizer (CI) it also bounds every scratch index.
+// blocks, decode rows and many-row units (block GEMM), a causal chunk and a token tree, sliding
+// windows (narrower than the step, inside the cache, wider than everything), head dims that
+// are not a multiple of the vector width, every storage dtype. Under AddressSanitizer (CI) it also bounds every scratch index.
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "check.h"
@@ -15,7 +17,7 @@ namespace {
 constexpr int64_t B = 2, H = 2, HQ = 8, C = 320;
 
 template <typename T>
-void run(effx::DType dtype, int64_t D, int64_t n_cached, int64_t q_len, bool tree, double tol) {
+void run(effx::DType dtype, int64_t D, int64_t n_cached, int64_t q_len, bool tree, int64_t window, double tol) {
   std::mt19937 rng(static_cast<unsigned>(D * 131 + q_len));
   std::normal_distribution<float> dist;
   auto fill = [&](std::vector<T>& v, std::vector<double>& ref) {
@@ -52,6 +54,7 @@ void run(effx::DType dtype, int64_t D, int64_t n_cached, int64_t q_len, bool tre
   a.causal = true;
   a.sm_scale = static_cast<float>(scale);
   a.max_cached = C;
+  a.window = window;
   const effx::DenseKV kv{k.data(), v.data(), H * C * D, C * D, D};
   effx::cpu::dense_attention(a, kv, dtype, 2);
 
@@ -68,6 +71,7 @@ void run(effx::DType dtype, int64_t D, int64_t n_cached, int64_t q_len, bool tre
           if (tree && t >= n) {
             for (int64_t j = i; j >= 0; j = parents[j]) visible = visible || j == t - n;
           }
+          if (window > 0 && t <= n + i - window) visible = false;  // key position t, query n + i
           if (!visible) continue;
           double dot = 0;
           for (int64_t d = 0; d < D; ++d) {
@@ -92,8 +96,9 @@ void run(effx::DType dtype, int64_t D, int64_t n_cached, int64_t q_len, bool tre
     }
   }
   const double rel = std::sqrt(err / norm);
-  EFFX_EXPECT(rel < tol, "%s D=%lld cached=%lld q_len=%lld tree=%d: relative error %g", effx::dtype_name(dtype),
-              (long long)D, (long long)n_cached, (long long)q_len, tree ? 1 : 0, rel);
+  EFFX_EXPECT(rel < tol, "%s D=%lld cached=%lld q_len=%lld tree=%d window=%lld: relative error %g",
+              effx::dtype_name(dtype), (long long)D, (long long)n_cached, (long long)q_len, tree ? 1 : 0,
+              (long long)window, rel);
 }
 
 }  // namespace
@@ -101,10 +106,12 @@ void run(effx::DType dtype, int64_t D, int64_t n_cached, int64_t q_len, bool tre
 int main() {
   for (int64_t D : {64, 40, 128}) {
     for (int64_t q_len : {1, 3, 40}) {  // decode rows, a short chunk, a many-row unit (GEMM)
-      for (bool tree : {false, true}) {
-        run<float>(effx::DType::Float32, D, 150, q_len, tree, 1e-5);
-        run<effx::BFloat16>(effx::DType::BFloat16, D, 150, q_len, tree, 1e-2);
-        run<effx::Half>(effx::DType::Float16, D, 150, q_len, tree, 1e-2);
+      // (tree, window): causal, a tree, then windows narrower than the step, inside the cache
+      // (the first cached block skipped) and wider than everything.
+      for (auto [tree, window] : {std::pair<bool, int64_t>{false, 0}, {true, 0}, {false, 7}, {false, 100}, {false, 300}}) {
+        run<float>(effx::DType::Float32, D, 150, q_len, tree, window, 1e-5);
+        run<effx::BFloat16>(effx::DType::BFloat16, D, 150, q_len, tree, window, 1e-2);
+        run<effx::Half>(effx::DType::Float16, D, 150, q_len, tree, window, 1e-2);
       }
     }
   }

@@ -2,7 +2,7 @@
 // dense and H2O (with scores), KIVI over the same quantized storage at 2 and 4 bits, and the
 // KIVI append against the CPU append. Decode rows with GQA groups 1, 4 and 8, causal chunks,
 // token trees, ragged rows with padded new tokens, contexts long enough to split across
-// blocks, the LSE output, every storage dtype, head dims 64 and 128 and one that is no
+// blocks, sliding windows, the LSE output, every storage dtype, head dims 64 and 128 and one that is no
 // multiple of 8: so the decode path, the tensor-core path and the fp32 engine all run. Runs on a GPU, or on the SIMT emulator (test_attention_simt); exits 77
 // (ctest: skipped) when neither is there.
 #include <algorithm>
@@ -26,6 +26,7 @@ struct Shape {
   int64_t B, H, HQ, D, C, q_len;
   std::vector<int64_t> lengths;
   bool tree, padded;  // padded: row 0 has fewer valid new tokens than q_len
+  int64_t window = 0;  // sliding window (dense only)
 };
 
 template <typename T>
@@ -87,6 +88,7 @@ effx::AttentionArgs step_args(const Shape& s, const void* q, const void* kn, con
   a.causal = true;
   a.sm_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.D)));
   a.max_cached = s.C;
+  a.window = s.window;
   return a;
 }
 
@@ -128,8 +130,9 @@ void dense(DType dtype, const Shape& s, bool scores) {
   CUDA_OK(cudaDeviceSynchronize());
 
   const double rel = relative_error(to_host(dout, outs), out);
-  EFFX_EXPECT(rel < tolerance(dtype), "dense %s D=%lld Hq=%lld q_len=%lld tree=%d scores=%d: relative error %g",
-              effx::dtype_name(dtype), (long long)s.D, (long long)s.HQ, (long long)s.q_len, s.tree, scores, rel);
+  EFFX_EXPECT(rel < tolerance(dtype), "dense %s D=%lld Hq=%lld q_len=%lld tree=%d window=%lld scores=%d: relative error %g",
+              effx::dtype_name(dtype), (long long)s.D, (long long)s.HQ, (long long)s.q_len, s.tree,
+              (long long)s.window, scores, rel);
   compare_lse(to_host(dlse, rows), lse, 1e-4, "dense");
   if (scores) {
     const auto got = to_host(dsc, slots);
@@ -346,6 +349,15 @@ void all_cases(DType dtype) {
   for (const Shape& s : shapes) {
     dense<T>(dtype, s, false);
     dense<T>(dtype, s, true);
+  }
+  // Sliding windows: decode split across blocks, narrower than a causal chunk, a chunk over
+  // several row blocks, the fp32 engine's head dim, the tensor-core path's prefill chunk.
+  for (const Shape& s : {Shape{2, 2, 8, 128, 1200, 1, {1100, 37}, false, false, 300},
+                         Shape{2, 2, 8, 128, 400, 5, {300, 90}, false, true, 3},
+                         Shape{2, 4, 4, 64, 600, 33, {520, 100}, false, true, 50},
+                         Shape{2, 2, 8, 40, 200, 3, {150, 7}, false, false, 20},
+                         Shape{1, 2, 8, 128, 500, 40, {450}, false, false, 64}}) {
+    dense<T>(dtype, s, false);
   }
   for (const Shape& s : {Shape{2, 2, 8, 128, 1280, 1, {1100, 129}, false, false},
                          Shape{3, 2, 16, 64, 640, 1, {600, 64, 0}, false, false},  // group 8, rows at 0 and R

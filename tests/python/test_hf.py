@@ -338,12 +338,24 @@ def test_misuse_is_reported():
         hf.EffxCache(model.config, "kivi", bitz=2)
 
 
-def test_sliding_window_beyond_reach_is_refused():
-    model = with_attention(make_model("mistral", sliding_window=16), "effx")
+def test_sliding_window_matches_eager():
+    # A window of 16 over 40 tokens: the logits of a prefill (through an EffxCache and through
+    # transformers' own cache) and greedy generation past the window equal eager attention's.
+    model = make_model("mistral", sliding_window=16)
+    ids = prompt(length=40)
     with torch.no_grad():
-        model(prompt(length=16), **cache_kw(hf.EffxCache(model.config)))  # within the window: exact
-        with pytest.raises(NotImplementedError, match="sliding window"):
-            model(prompt(length=17), **cache_kw(hf.EffxCache(model.config)))
+        want = with_attention(model, "eager")(ids).logits
+        effx_model = with_attention(model, "effx")
+        assert torch.allclose(effx_model(ids, **cache_kw(hf.EffxCache(model.config))).logits, want, atol=1e-4)
+        assert torch.allclose(effx_model(ids, **cache_kw(DynamicCache(config=model.config))).logits, want,
+                              atol=1e-4)
+    short = prompt(length=10)
+    eager = greedy(with_attention(model, "eager"), short, max_new_tokens=30)
+    assert torch.equal(greedy(with_attention(model, "effx"), short, hf.EffxCache(model.config), max_new_tokens=30),
+                       eager)
+    # An H2O cache keeps no position order: it refuses once the window hides a token.
+    with torch.no_grad(), pytest.raises(ValueError, match="past the sliding window"):
+        effx_model(ids[:, :17], **cache_kw(hf.EffxCache(model.config, "h2o", heavy=4, recent=4)))
 
 
 @pytest.mark.parametrize("effx_cache", [True, False], ids=["EffxCache", "DynamicCache"])

@@ -34,11 +34,11 @@ class Runner:
         else:
             self.rows = [DenseRow() for _ in range(batch)]
 
-    def step(self, tn, lengths=None, layer=0):
+    def step(self, tn, lengths=None, layer=0, window=None):
         q = randn(self.b, self.hq, tn, self.d, dtype=self.dtype, device=self.device)
         k = randn(self.b, self.h, tn, self.d, dtype=self.dtype, device=self.device)
         v = randn(self.b, self.h, tn, self.d, dtype=self.dtype, device=self.device)
-        out, lse = self.cache.attend(layer, q, k, v, lengths=lengths, return_lse=True)
+        out, lse = self.cache.attend(layer, q, k, v, lengths=lengths, window=window, return_lse=True)
         worst = 0.0
         for b, row in enumerate(self.rows):
             valid = tn if lengths is None else lengths[b]
@@ -48,7 +48,7 @@ class Runner:
             kk, vv = row.kv() if n else (torch.zeros(self.h, 0, self.d, dtype=torch.float64),) * 2
             kk = torch.cat([kk, k[b, :, :valid].cpu().double()], 1)
             vv = torch.cat([vv, v[b, :, :valid].cpu().double()], 1)
-            ref, ref_lse = attention_ref(q[b, :, :valid].cpu(), kk, vv, n, self.cache.sm_scale)
+            ref, ref_lse = attention_ref(q[b, :, :valid].cpu(), kk, vv, n, self.cache.sm_scale, window=window or 0)
             row.append(k[b, :, :valid].cpu(), v[b, :, :valid].cpu())
             worst = max(worst, rel_error(out[b, :, :valid], ref))
             assert torch.allclose(lse[b, :, :valid].cpu().double(), ref_lse, atol=1e-3, rtol=1e-3)
@@ -149,6 +149,25 @@ def test_dense_long_cache_every_cpu_isa(isa, dtype, kv_heads, q_heads, head_dim,
                                n, cache.sm_scale, parents=parents)
         errs.append(rel_error(out[row], ref))
     assert max(errs) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads,q_heads,head_dim", [(2, 8, 64), (1, 2, 40)])
+def test_dense_sliding_window(device, isa, dtype, kv_heads, q_heads, head_dim, monkeypatch):
+    """A window narrower than the prefill, then decoding past it in a ragged batch: whole cached
+    blocks fall out of the window (skipped) and the rest is masked per query."""
+    if device == "cuda" and isa != "avx512":
+        pytest.skip("the CPU instruction set does not apply on CUDA")
+    monkeypatch.setenv("EFFX_CPU_ISA", isa)
+    torch.manual_seed(14)
+    cache = kv.DenseCache(1, 2, kv_heads, head_dim, 400, dtype=dtype, device=device)
+    run = Runner(cache, 2, kv_heads, q_heads, head_dim, dtype, device)
+    worst = run.step(150, lengths=[150, 97], window=40)
+    for tn, window in [(1, 40)] * 20 + [(5, 3)] + [(1, 300)] * 3 + [(1, 130)] * 20:
+        worst = max(worst, run.step(tn, window=window))
+    assert worst < TOL[dtype]
 
 
 def test_dense_crop():
@@ -334,6 +353,8 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.effx.dense_attention.default,
                           (q, k, v, dense.k[0], dense.v[0], torch.tensor([0, 5]), torch.tensor([3, 2]), None,
                            True, 0.125))
+    torch.library.opcheck(torch.ops.effx.dense_attention.default,
+                          (q, k, v, dense.k[0], dense.v[0], torch.tensor([4, 9]), None, None, True, 0.125, 5))
 
 
 def test_compile_fullgraph_decode_step():
@@ -390,7 +411,13 @@ def test_bad_attend_inputs(make):
         cache.attend(1, q, k, v)
     with pytest.raises(ValueError, match=rf"{name}\.attend: parents\[i\] must be in \[-1, i\)"):
         cache.attend(0, q, k, v, parents=[-1, 1, 0])
-    cache.attend(0, torch.randn(2, 4, 15, 32), torch.randn(2, 2, 15, 32), torch.randn(2, 2, 15, 32))
+    for window in (0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"{name}\.attend: window must be a positive int or None, got {window}"):
+            cache.attend(0, q, k, v, window=window)
+    # A window that hides nothing yet is no window: every policy takes it.
+    cache.attend(0, torch.randn(2, 4, 15, 32), torch.randn(2, 2, 15, 32), torch.randn(2, 2, 15, 32), window=15)
+    with pytest.raises(ValueError, match=rf"{name}\.attend: position 15 is past the sliding window \(8\)"):
+        cache.attend(0, q[:, :, :1], k[:, :, :1], v[:, :, :1], parents=[-1], window=8)
     with pytest.raises(ValueError, match=rf"{name}\.attend: capacity exceeded in row 0: 15 cached \+ 3 new > "
                                          r"capacity 16"):
         cache.attend(0, q, k, v)
@@ -421,6 +448,14 @@ def test_bad_op_inputs():
     with pytest.raises(RuntimeError, match=r"effx\.dense_attention: k_new must have the dtype of q \(Float\), got Half"):
         torch.ops.effx.dense_attention(q, k.half(), k, torch.zeros(1, 2, 8, 32), torch.zeros(1, 2, 8, 32),
                                        torch.tensor([0]), None, None, True, 1.0)
+    cached = (torch.zeros(1, 2, 8, 32), torch.zeros(1, 2, 8, 32), torch.tensor([3]))
+    with pytest.raises(RuntimeError, match=r"effx\.dense_attention: window must be >= 0 \(0: no sliding window\), "
+                                           r"got -1"):
+        torch.ops.effx.dense_attention(q, k, k, *cached, None, None, True, 1.0, -1)
+    for parents, causal in ((torch.tensor([-1, 0]), True), (None, False)):
+        with pytest.raises(RuntimeError, match=r"effx\.dense_attention: a sliding window needs causal attention "
+                                               r"without a token tree"):
+            torch.ops.effx.dense_attention(q, k, k, *cached, None, parents, causal, 1.0, 4)
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)

@@ -373,13 +373,29 @@ def test_generation_bad_inputs(tiny):
         tiny(torch.tensor([[1, 2]]), cache=other)
 
 
-def test_sliding_window_is_refused_past_the_window(tmp_path):
+def test_sliding_window_matches_transformers(tmp_path):
+    # Mistral's window of 16 over 40 tokens: a prefill past the window, then decoding token by
+    # token through the dense cache (whose first blocks fall out of the window), both equal to
+    # transformers, which masks positions <= p - 16.
     config = dict(CONFIGS["mistral"], sliding_window=16)
-    write_checkpoint(tmp_path, config, hf_model(config).state_dict())
+    ref = hf_model(config)
+    write_checkpoint(tmp_path, config, ref.state_dict())
     model = models.from_pretrained(tmp_path)
-    assert model(torch.zeros(1, 16, dtype=torch.int64)).shape == (1, 16, 96)
-    with pytest.raises(ValueError, match=r"position 16 is past the model's sliding window \(16\)"):
-        model(torch.zeros(1, 17, dtype=torch.int64))
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(ids).logits
+        unwindowed = hf_model(dict(config, sliding_window=None))(ids).logits
+    assert rel_error(unwindowed[:, 16:], want[:, 16:]) > 1e-2  # the window matters here
+    assert rel_error(model(ids), want) < 1e-5
+    cache = model.new_cache(2, 40)
+    steps = [model(ids[:, :20], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(20, 40)]
+    assert rel_error(torch.cat(steps, 1), want) < 1e-5
+    # Policies that do not keep every token at its position refuse once the window hides one.
+    kivi = kv.KIVICache(config["num_hidden_layers"], 1, 2, 48, 64, bits=2, group_size=16, residual=16,
+                        dtype=torch.float32)
+    model(ids[:1, :16], cache=kivi)
+    with pytest.raises(ValueError, match=r"position 16 is past the sliding window \(16\) and KIVICache does not"):
+        model(ids[:1, 16:17], cache=kivi)
 
 
 # --- loading errors ------------------------------------------------------------------------------

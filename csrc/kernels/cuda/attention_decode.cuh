@@ -115,7 +115,8 @@ inline Plan plan(const AttentionArgs& a, long long slots) {
   const long long group = a.q_heads / a.kv_heads;
   p.rows = rows_for(a);
   p.row_chunks = static_cast<int>((group + p.rows - 1) / p.rows);
-  const Splits s = one_wave(a.max_cached + 1, a.batch * a.kv_heads * p.row_chunks, slots, kMinTokensPerSplit, 32);
+  const Splits s = one_wave(split_span(a, a.max_cached + 1, 0), a.batch * a.kv_heads * p.row_chunks, slots,
+                            kMinTokensPerSplit, 32);
   p.splits = s.count;
   p.tokens_per_split = s.tokens;
   p.raw_stride = a.max_cached + 1;
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
   const long long n = a.lengths[b * a.lengths_stride];
   const bool live = a.new_lengths == nullptr || a.new_lengths[b] > 0;  // else the row is padding
   const long long total = live ? n + 1 : 0;
-  const long long begin = split * tokens_per_split;
+  const long long begin = window_begin(a, n, 1) + split * tokens_per_split;
   const long long end = begin + tokens_per_split < total ? begin + tokens_per_split : total;
 
   float q[ROWS][kVec], acc[ROWS][kVec], m[ROWS], l[ROWS];

@@ -81,7 +81,7 @@ inline AttentionPlan plan_attention(const AttentionArgs& a) {
   const long long group = a.q_heads / a.kv_heads;
   p.row_chunks = static_cast<int>((group * a.q_len + kRows - 1) / kRows);
   const long long units = a.batch * a.kv_heads * p.row_chunks;
-  const long long max_total = a.max_cached + a.q_len;
+  const long long max_total = split_span(a, a.max_cached + a.q_len, kTile);
   // Enough blocks for two waves, but no split shorter than 8 tiles.
   long long splits = (2LL * sms + units - 1) / units;
   const long long most = (max_total + 8 * kTile - 1) / (8 * kTile);
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = 0; r < kRows; ++r) last_query = row_valid(r) ? row_query(r) : last_query;
   const long long new_seen = last_query < 0 ? 0 : ((a.causal || a.parents) ? last_query + 1 : tn);
   const long long total = last_query < 0 ? 0 : n + new_seen;
-  const long long begin = split * tokens_per_split;
+  const long long begin = window_begin(a, n + row_query(0), kTile) + split * tokens_per_split;
   const long long end = begin + tokens_per_split < total ? begin + tokens_per_split : total;
 
   float acc[kAccPerThread];
@@ -202,8 +202,8 @@ __global__ void __launch_bounds__(kThreads)
       const long long t = t0 + j;
       float score = -INFINITY;
       if (t < t1 && row_valid(r)) {
-        bool visible = true;
-        if (t >= n) {
+        bool visible = a.window <= 0 || t > n + row_query(r) - a.window;
+        if (visible && t >= n) {
           const long long jn = t - n;
           visible = a.parents ? ((anc_s[r * mask_words + jn / 32] >> (jn % 32)) & 1u)
                               : (!a.causal || jn <= row_query(r));

@@ -63,7 +63,8 @@ inline Plan plan(const AttentionArgs& a, long long slots) {
   const long long group = a.q_heads / a.kv_heads;
   p.row_blocks = static_cast<int>((group * a.q_len + kRows - 1) / kRows);
   const Splits s =
-      one_wave(a.max_cached + a.q_len, a.batch * a.kv_heads * p.row_blocks, slots, kMinTokensPerSplit, kTile);
+      one_wave(split_span(a, a.max_cached + a.q_len, kTile), a.batch * a.kv_heads * p.row_blocks, slots,
+               kMinTokensPerSplit, kTile);
   p.splits = s.count;
   p.tokens_per_split = s.tokens;
   p.mask_words = tree_words(a);
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = kRows - 1; r >= 0 && last_query < 0; --r) last_query = row_valid(r) ? row_query(r) : -1;
   const long long new_seen = last_query < 0 ? 0 : ((a.causal || a.parents) ? last_query + 1 : tn);
   const long long total = last_query < 0 ? 0 : n + new_seen;
-  const long long begin = split * tokens_per_split;
+  const long long begin = window_begin(a, n + row_query(0), kTile) + split * tokens_per_split;
   const long long end = begin + tokens_per_split < total ? begin + tokens_per_split : total;
   __syncthreads();
 
@@ -201,7 +202,7 @@ __global__ void __launch_bounds__(kThreads)
       float mx = -INFINITY;
       for (int j = 0; j < 32; ++j) {
         const long long t = t0 + half * 32 + j;
-        bool visible = valid && t < t1;
+        bool visible = valid && t < t1 && (a.window <= 0 || t > n + i - a.window);
         if (visible && t >= n) {
           const long long jn = t - n;
           visible = a.parents ? ((anc_s[rr * mask_words + jn / 32] >> (jn % 32)) & 1u) : (!a.causal || jn <= i);

@@ -13,11 +13,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> dense_attention_cuda(
     const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& lengths, const std::optional<at::Tensor>& new_lengths,
-    const std::optional<at::Tensor>& parents, bool causal, double sm_scale) {
+    const std::optional<at::Tensor>& parents, bool causal, double sm_scale, int64_t window) {
   constexpr const char* op = "dense_attention";
   const c10::cuda::CUDAGuard guard(q.device());
   auto [c, kv] = prepare_dense_attention(op, q, k_new, v_new, k_cache, v_cache, lengths, new_lengths, parents,
-                                         causal, sm_scale);
+                                         causal, sm_scale, window);
   const at::Tensor workspace = attention_workspace(op, c);
   const cudaError_t err = cuda::dense_attention(c.args, kv, c.dtype, workspace.data_ptr(),
                                                 c10::cuda::getCurrentCUDAStream());

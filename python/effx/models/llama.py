@@ -146,6 +146,7 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.window = c.sliding_window
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
@@ -156,7 +157,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        out = cache.attend(layer, _rotate(q, cos, sin), _rotate(k, cos, sin), v, parents=parents, lengths=lengths)
+        out = cache.attend(layer, _rotate(q, cos, sin), _rotate(k, cos, sin), v, parents=parents, lengths=lengths,
+                           window=self.window)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -264,9 +266,6 @@ class CausalLM(nn.Module):
         positions = torch.as_tensor(positions).to(self.device)
         if positions.shape != (b, t):
             _fail(f"positions must have shape [{b}, {t}], got {list(positions.shape)}")
-        if c.sliding_window is not None and int(positions.max()) >= c.sliding_window:
-            _fail(f"position {int(positions.max())} is past the model's sliding window ({c.sliding_window}); "
-                  f"effx.models attends over the whole cache and does not implement sliding-window attention")
         cos, sin = self.rotary.cos_sin(positions)
         h = self.model.embed_tokens(input_ids)
         for j, layer in enumerate(self.model.layers):
