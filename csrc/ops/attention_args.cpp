@@ -61,9 +61,12 @@ AttentionCall prepare_attention(const char* op, const at::Tensor& q_in, const at
                                 const at::Tensor& v_in, const at::Tensor& lengths,
                                 const std::optional<at::Tensor>& new_lengths,
                                 const std::optional<at::Tensor>& parents, bool causal,
-                                double sm_scale, int64_t capacity) {
+                                double sm_scale, int64_t capacity, int64_t window) {
   EFFX_CHECK(q_in.dim() == 4, op, "q must be 4-D [batch, q_heads, tokens, head_dim], got shape ",
              q_in.sizes());
+  EFFX_CHECK(window >= 0, op, "window must be >= 0 (0: no sliding window), got ", window);
+  EFFX_CHECK(window == 0 || (causal && !parents), op,
+             "a sliding window needs causal attention without a token tree (causal=True, parents=None)");
   EFFX_CHECK(q_in.numel() > 0, op, "q must be non-empty, got shape ", q_in.sizes());
   AttentionCall c;
   c.dtype = float_dtype(q_in, op, "q");
@@ -143,6 +146,7 @@ AttentionCall prepare_attention(const char* op, const at::Tensor& q_in, const at
   a.sm_scale = static_cast<float>(sm_scale);
   a.max_cached = capacity;
   a.scores = nullptr;
+  a.window = window;
   return c;
 }
 
@@ -154,14 +158,10 @@ DenseAttentionCall prepare_dense_attention(const char* op, const at::Tensor& q, 
                                            double sm_scale, int64_t window) {
   EFFX_CHECK(k_cache.dim() == 4, op, "k_cache must be 4-D [batch, kv_heads, capacity, head_dim], got shape ",
              k_cache.sizes());
-  EFFX_CHECK(window >= 0, op, "window must be >= 0 (0: no sliding window), got ", window);
-  EFFX_CHECK(window == 0 || (causal && !parents), op,
-             "a sliding window needs causal attention without a token tree (causal=True, parents=None)");
   DenseAttentionCall d{prepare_attention(op, q, k_new, v_new, lengths, new_lengths, parents, causal, sm_scale,
-                                         k_cache.size(2)),
+                                         k_cache.size(2), window),
                        {}};
   d.kv = dense_kv(op, d.call, k_cache, v_cache);
-  d.call.args.window = window;
   return d;
 }
 

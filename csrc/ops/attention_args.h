@@ -19,13 +19,14 @@ struct AttentionCall {
 };
 
 // Checks q [B, Hq, Tq, D], k_new / v_new [B, Hkv, Tq, D], lengths [B] (int64), optional
-// new_lengths [B] and parents [Tq] or [B, Tq] (int64, parents[i] in [-1, i)); allocates out
-// and lse. `capacity` bounds lengths when they are readable on the host.
+// new_lengths [B] and parents [Tq] or [B, Tq] (int64, parents[i] in [-1, i)), and the sliding
+// `window` (0 for none; it needs causal attention without a tree); allocates out and lse.
+// `capacity` bounds lengths when they are readable on the host.
 AttentionCall prepare_attention(const char* op, const at::Tensor& q, const at::Tensor& k_new,
                                 const at::Tensor& v_new, const at::Tensor& lengths,
                                 const std::optional<at::Tensor>& new_lengths,
                                 const std::optional<at::Tensor>& parents, bool causal,
-                                double sm_scale, int64_t capacity);
+                                double sm_scale, int64_t capacity, int64_t window = 0);
 
 struct DenseAttentionCall {
   AttentionCall call;
@@ -33,8 +34,7 @@ struct DenseAttentionCall {
 };
 
 // prepare_attention for a plain K/V cache pair [B, Hkv, capacity, D] (same strides for k and v,
-// head_dim contiguous): the dense_attention and h2o_attention ops on both backends. `window`:
-// the sliding window (0 for none), which needs causal attention without a tree.
+// head_dim contiguous): the dense_attention and h2o_attention ops on both backends.
 DenseAttentionCall prepare_dense_attention(const char* op, const at::Tensor& q, const at::Tensor& k_new,
                                            const at::Tensor& v_new, const at::Tensor& k_cache,
                                            const at::Tensor& v_cache, const at::Tensor& lengths,

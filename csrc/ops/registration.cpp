@@ -35,7 +35,7 @@ TORCH_LIBRARY(effx, m) {
       "kivi_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor k_codes, Tensor k_scale, "
       "Tensor k_zero, Tensor v_codes, Tensor v_scale, Tensor v_zero, Tensor k_res, Tensor v_res, "
       "Tensor state, Tensor? new_lengths, Tensor? parents, int bits, int group_size, bool causal, "
-      "float sm_scale) -> (Tensor out, Tensor lse)");
+      "float sm_scale, int window=0) -> (Tensor out, Tensor lse)");
   m.def(
       "kivi_append_(Tensor k_new, Tensor v_new, Tensor(a!) k_codes, Tensor(b!) k_scale, "
       "Tensor(c!) k_zero, Tensor(d!) v_codes, Tensor(e!) v_scale, Tensor(f!) v_zero, "

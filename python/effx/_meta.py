@@ -33,7 +33,7 @@ def _dense_attention_fake(q, k_new, v_new, k_cache, v_cache, lengths, new_length
 
 @torch.library.register_fake("effx::kivi_attention")
 def _kivi_attention_fake(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res,
-                         state, new_lengths, parents, bits, group_size, causal, sm_scale):
+                         state, new_lengths, parents, bits, group_size, causal, sm_scale, window=0):
     return _attention_fake(q)
 
 

@@ -74,9 +74,9 @@ class KVCache(abc.ABC):
         tokens a tree: each attends to its ancestors and itself; they are stored only when
         :meth:`commit_tree` names the accepted ones. ``window`` (tokens, optional) is a
         sliding window: the query at position p sees only positions > p - window (Mistral,
-        Qwen2, Hugging Face "sliding_attention" layers); policies that keep every token by
-        position (DenseCache, OffloadedCache) implement it, the others raise once it would hide
-        a token, and so do token trees. ``return_lse`` also returns the log-sum-exp
+        Qwen2, Hugging Face "sliding_attention" layers); policies that keep every token at its
+        position (DenseCache, KIVICache, OffloadedCache) implement it, H2OCache raises once it
+        would hide a token, and so do token trees. ``return_lse`` also returns the log-sum-exp
         [B, Hq, Tn] (fp32) of the scaled scores.
         """
         name = f"{type(self).__name__}.attend"
@@ -231,7 +231,7 @@ class KVCache(abc.ABC):
             return 0
         if not self._windowed:
             _fail(name, f"position {last} is past the sliding window ({window}) and {type(self).__name__} does not "
-                        f"implement sliding-window attention (DenseCache and OffloadedCache do)")
+                        f"implement sliding-window attention (DenseCache, KIVICache and OffloadedCache do)")
         if tree:
             _fail(name, f"position {last} is past the sliding window ({window}): a token tree with a sliding window "
                         f"is not implemented")
@@ -450,10 +450,12 @@ class KIVICache(KVCache):
 
     _STORAGE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_res", "v_res", "state")
 
+    _windowed = True
+
     def _attention(self, layer, q, k_new, v_new, new_lengths, parents, window):
         s = self._layers[layer]
         return torch.ops.effx.kivi_attention(q, k_new, v_new, *(s[n] for n in self._STORAGE), new_lengths, parents,
-                                             self.bits, self.group_size, True, self.sm_scale)
+                                             self.bits, self.group_size, True, self.sm_scale, window)
 
     def _append(self, layer, k_new, v_new, new_lengths, added):
         s = self._layers[layer]

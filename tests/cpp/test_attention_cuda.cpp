@@ -26,7 +26,7 @@ struct Shape {
   int64_t B, H, HQ, D, C, q_len;
   std::vector<int64_t> lengths;
   bool tree, padded;  // padded: row 0 has fewer valid new tokens than q_len
-  int64_t window = 0;  // sliding window (dense only)
+  int64_t window = 0;  // sliding window (dense and KIVI)
 };
 
 template <typename T>
@@ -362,7 +362,10 @@ void all_cases(DType dtype) {
   for (const Shape& s : {Shape{2, 2, 8, 128, 1280, 1, {1100, 129}, false, false},
                          Shape{3, 2, 16, 64, 640, 1, {600, 64, 0}, false, false},  // group 8, rows at 0 and R
                          Shape{1, 4, 4, 128, 1536, 1, {1500}, false, false},       // group 1, long
-                         Shape{1, 2, 4, 64, 640, 4, {600}, false, true}, Shape{1, 1, 8, 64, 320, 9, {200}, true, false}}) {
+                         Shape{1, 2, 4, 64, 640, 4, {600}, false, true}, Shape{1, 1, 8, 64, 320, 9, {200}, true, false},
+                         // sliding windows: decode on the codes, a chunk through the engine
+                         Shape{2, 2, 8, 128, 1280, 1, {1100, 129}, false, false, 300},
+                         Shape{1, 2, 4, 64, 640, 4, {600}, false, true, 50}}) {
     kivi<T>(dtype, s, 2);
     kivi<T>(dtype, s, 4);
   }

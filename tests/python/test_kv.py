@@ -189,6 +189,25 @@ def kivi_cache(batch, kv_heads, head_dim, capacity, *, bits, group_size, residua
     return cache, dict(bits=bits, group_size=group_size, residual=residual)
 
 
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kivi_sliding_window(device, isa, bits, dtype, monkeypatch):
+    """KIVI keeps every token at its position, so a window applies over codes, residual and new
+    tokens alike: a prefill past the window, then decoding (on the codes) past it."""
+    if device == "cuda" and isa != "avx512":
+        pytest.skip("the CPU instruction set does not apply on CUDA")
+    monkeypatch.setenv("EFFX_CPU_ISA", isa)
+    torch.manual_seed(15)
+    cache, opts = kivi_cache(2, 2, 64, 1100, bits=bits, group_size=32, residual=64, dtype=dtype, device=device)
+    run = Runner(cache, 2, 2, 8, 64, dtype, device, kivi=opts)
+    worst = run.step(300, lengths=[300, 211], window=100)
+    for tn, window in [(1, 100)] * 30 + [(3, 2)] + [(1, 700)] * 3:
+        worst = max(worst, run.step(tn, window=window))
+    assert worst < KIVI_TOL[dtype]
+
+
 def check_state(cache, run, layer=0):
     state = cache.quantized_lengths(layer)
     for b, row in enumerate(run.rows):

@@ -390,12 +390,15 @@ def test_sliding_window_matches_transformers(tmp_path):
     cache = model.new_cache(2, 40)
     steps = [model(ids[:, :20], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(20, 40)]
     assert rel_error(torch.cat(steps, 1), want) < 1e-5
-    # Policies that do not keep every token at its position refuse once the window hides one.
-    kivi = kv.KIVICache(config["num_hidden_layers"], 1, 2, 48, 64, bits=2, group_size=16, residual=16,
+    # KIVI keeps every token at its position: its windowed logits stay close to the exact ones.
+    kivi = kv.KIVICache(config["num_hidden_layers"], 2, 2, 48, 64, bits=4, group_size=16, residual=16,
                         dtype=torch.float32)
-    model(ids[:1, :16], cache=kivi)
-    with pytest.raises(ValueError, match=r"position 16 is past the sliding window \(16\) and KIVICache does not"):
-        model(ids[:1, 16:17], cache=kivi)
+    assert rel_error(model(ids, cache=kivi), want) < 0.1
+    # H2O moves tokens off their positions: it refuses once the window hides one.
+    h2o = kv.H2OCache(config["num_hidden_layers"], 1, 2, 48, 64, heavy=8, recent=8, dtype=torch.float32)
+    model(ids[:1, :16], cache=h2o)
+    with pytest.raises(ValueError, match=r"position 16 is past the sliding window \(16\) and H2OCache does not"):
+        model(ids[:1, 16:17], cache=h2o)
 
 
 # --- loading errors ------------------------------------------------------------------------------

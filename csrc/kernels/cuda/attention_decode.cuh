@@ -115,7 +115,7 @@ inline Plan plan(const AttentionArgs& a, long long slots) {
   const long long group = a.q_heads / a.kv_heads;
   p.rows = rows_for(a);
   p.row_chunks = static_cast<int>((group + p.rows - 1) / p.rows);
-  const Splits s = one_wave(split_span(a, a.max_cached + 1, 0), a.batch * a.kv_heads * p.row_chunks, slots,
+  const Splits s = one_wave(split_span(a, a.max_cached + 1), a.batch * a.kv_heads * p.row_chunks, slots,
                             kMinTokensPerSplit, 32);
   p.splits = s.count;
   p.tokens_per_split = s.tokens;

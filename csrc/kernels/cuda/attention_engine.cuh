@@ -81,7 +81,7 @@ inline AttentionPlan plan_attention(const AttentionArgs& a) {
   const long long group = a.q_heads / a.kv_heads;
   p.row_chunks = static_cast<int>((group * a.q_len + kRows - 1) / kRows);
   const long long units = a.batch * a.kv_heads * p.row_chunks;
-  const long long max_total = split_span(a, a.max_cached + a.q_len, kTile);
+  const long long max_total = split_span(a, a.max_cached + a.q_len);
   // Enough blocks for two waves, but no split shorter than 8 tiles.
   long long splits = (2LL * sms + units - 1) / units;
   const long long most = (max_total + 8 * kTile - 1) / (8 * kTile);

@@ -63,7 +63,7 @@ inline Plan plan(const AttentionArgs& a, long long slots) {
   const long long group = a.q_heads / a.kv_heads;
   p.row_blocks = static_cast<int>((group * a.q_len + kRows - 1) / kRows);
   const Splits s =
-      one_wave(split_span(a, a.max_cached + a.q_len, kTile), a.batch * a.kv_heads * p.row_blocks, slots,
+      one_wave(split_span(a, a.max_cached + a.q_len), a.batch * a.kv_heads * p.row_blocks, slots,
                kMinTokensPerSplit, kTile);
   p.splits = s.count;
   p.tokens_per_split = s.tokens;

@@ -48,7 +48,8 @@ inline Plan plan(const AttentionArgs& a, int bits, long long slots) {
   const long long group = a.q_heads / a.kv_heads, chunk = kWordsPerChunk * 32 / bits;
   p.rows = decode::rows_for(a);
   p.row_chunks = static_cast<int>((group + p.rows - 1) / p.rows);
-  const Splits s = one_wave(a.max_cached + 1, a.batch * a.kv_heads * p.row_chunks, slots, chunk, chunk);
+  const Splits s = one_wave(split_span(a, a.max_cached + 1), a.batch * a.kv_heads * p.row_chunks, slots, chunk,
+                            chunk);
   p.splits = s.count;
   p.tokens_per_split = s.tokens;
   return p;
@@ -63,6 +64,7 @@ template <typename T, int BITS, int ROWS, int D>
 __global__ void __launch_bounds__(kThreads)
     kivi_decode_kernel(AttentionArgs a, KiviStorage st, long long tokens_per_split, float* partial) {
   constexpr int kPer = kPerWord<BITS>, kCh = kChunk<BITS>;
+  static_assert(kCh <= kWindowSlack, "a windowed start rounds down to a chunk; the plans allow kWindowSlack");
   constexpr int kTpt = D / 8, kSlots = kThreads / kTpt;  // value phase: threads per token, token slots
   constexpr int kQuarter = D / kQuarters;                 // channels per score thread
   constexpr int kQld = kQuarter + 1;                      // padded: the quarters hit other banks
@@ -81,7 +83,10 @@ __global__ void __launch_bounds__(kThreads)
   const long long C = st.capacity, R = st.residual, G = st.group_size;
   const bool live = a.new_lengths == nullptr || a.new_lengths[b] > 0;
   const long long total = live ? n + 1 : 0;
-  const long long begin = split * tokens_per_split;
+  // Chunks start at multiples of kCh (whole code words); a sliding window masks the tokens of
+  // its first chunk before it.
+  const long long visible_from = a.window > 0 ? n + 1 - a.window : 0;
+  const long long begin = window_begin(a, n, kCh) + split * tokens_per_split;
   const long long end = begin + tokens_per_split < total ? begin + tokens_per_split : total;
 
   const T* qp = static_cast<const T*>(a.q.data) + b * a.q.sb;
@@ -188,7 +193,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = warp; r < ROWS; r += kThreads / 32) {
       float mx = -INFINITY;
       for (int j = lane; j < kCh; j += 32) {
-        if (c0 + j >= c1) s_s[r * kCh + j] = -INFINITY;
+        if (c0 + j >= c1 || c0 + j < visible_from) s_s[r * kCh + j] = -INFINITY;
         mx = fmaxf(mx, s_s[r * kCh + j]);
       }
       for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));

@@ -26,18 +26,23 @@ inline Splits one_wave(long long total, long long units, long long slots, long l
   return Splits{static_cast<int>(count), (per + align - 1) / align * align};
 }
 
+// The widest alignment of a windowed start (window_begin) on any path: KIVI's 2-bit decode
+// chunk. Every path plans with this same slack, so the KIVI decode splits stay no more than
+// the dense decode path's, which the shared workspace is sized for.
+constexpr long long kWindowSlack = 512;
+
 // Tokens the splits of one (batch row, kv-head, row chunk) block must cover: all of
 // [0, max_total), or with a sliding window only the window of its first query up to its last
-// query's position, `slack` more for the rounding of window_begin.
-inline long long split_span(const AttentionArgs& a, long long max_total, long long slack) {
+// query's position, plus the rounding of window_begin.
+inline long long split_span(const AttentionArgs& a, long long max_total) {
   if (a.window <= 0) return max_total;
-  const long long span = a.window + a.q_len + slack;
+  const long long span = a.window + a.q_len + kWindowSlack;
   return span < max_total ? span : max_total;
 }
 
 // First token of a block whose first query sits at `position`: 0, or with a sliding window
-// the first token that query sees, rounded down to a multiple of `align` (later queries see
-// less of the start; their rows mask it).
+// the first token that query sees, rounded down to a multiple of `align` (at most
+// kWindowSlack; later queries see less of the start, their rows mask it).
 __host__ __device__ inline long long window_begin(const AttentionArgs& a, long long position, long long align) {
   if (a.window <= 0) return 0;
   const long long first = position + 1 - a.window;

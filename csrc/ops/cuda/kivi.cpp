@@ -20,13 +20,13 @@ std::tuple<at::Tensor, at::Tensor> kivi_attention_cuda(
     const at::Tensor& v_scale, const at::Tensor& v_zero, const at::Tensor& k_res,
     const at::Tensor& v_res, const at::Tensor& state, const std::optional<at::Tensor>& new_lengths,
     const std::optional<at::Tensor>& parents, int64_t bits, int64_t group_size, bool causal,
-    double sm_scale) {
+    double sm_scale, int64_t window) {
   constexpr const char* op = "kivi_attention";
   const c10::cuda::CUDAGuard guard(q.device());
   const KiviStorage s = kivi_storage(op, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res,
                                      v_res, state, bits, group_size, q);
   AttentionCall c = prepare_attention(op, q, k_new, v_new, state.select(1, 0), new_lengths, parents,
-                                      causal, sm_scale, s.capacity);
+                                      causal, sm_scale, s.capacity, window);
   EFFX_CHECK(c.args.kv_heads == s.heads && c.args.head_dim == s.head_dim && c.args.batch == s.batch, op,
              "k_new must have shape [", s.batch, ", ", s.heads, ", tokens, ", s.head_dim, "] like the cache, got ",
              k_new.sizes());
