@@ -1,6 +1,7 @@
 """Benchmark suite ``kivi``: one decode step (attention over the cache plus the new token, and
 the append) of KIVI-2/4 and of DenseCache, against PyTorch SDPA on full-precision K/V and
-against the plain-PyTorch way of using a KIVI cache (dequantize everything, then attend).
+against the plain-PyTorch way of using a KIVI cache (dequantize everything, then attend); and
+past 4096 tokens a DenseCache step under Mistral's sliding window of 4096 against the full one.
 
 Peers on the same full-precision K/V are extra baselines of every op: SDPA pinned to each
 backend (``sdpa[math]``, ``sdpa[flash]``, ...), ``flash-attn`` and ``flashinfer`` when
@@ -16,6 +17,7 @@ from effx.bench import peers
 from effx.bench.harness import Record, measure_roofs, median_time
 
 HKV, HQ, D = 8, 32, 128
+WINDOW = 4096  # Mistral's sliding window, for the windowed dense step
 
 
 def torch_dequantize_then_attend(q, cache: kv.KIVICache, n: int):
@@ -89,6 +91,11 @@ def run(device: torch.device, quick: bool = False) -> list[Record]:
         for base, t_base in {"sdpa": t_sdpa, **t_peers}.items():
             records.append(Record("kivi", "dense-step", shape, name, roofs.device, t_dense, kv_fp_bytes,
                                   4.0 * b * HQ * t * D, base, t_base, roofs))
+        if t > WINDOW:  # a sliding window (Mistral's 4096) reads only the window's blocks
+            t_window = median_time(lambda: dense.attend(0, q, k1, v1, window=WINDOW), device, runs=runs)
+            records.append(Record("kivi", "dense-window-step", dict(shape, window=WINDOW), name, roofs.device,
+                                  t_window, kv_fp_bytes * WINDOW // t, 4.0 * b * HQ * WINDOW * D, "dense full",
+                                  t_dense, roofs))
         del dense
         for bits in (2, 4):
             cache = kv.KIVICache(1, b, HKV, D, t + 2 * (runs + 10), bits=bits, dtype=dtype, device=device)
