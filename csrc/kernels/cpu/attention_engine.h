@@ -8,8 +8,10 @@
 // the final probabilities come from one rescale at the end instead of a second pass.
 // Units with many query rows (prefill, token trees, wide GQA groups) run both products
 // (scores = Q K^T, out += P V) through the register-tiled block GEMM of block_gemm.inc; a few
-// rows (decode) use vector loops, where packing the block for the GEMM would cost more than it
-// saves. Plain (dense) storage is read in place; other policies stage each block as fp32.
+// rows (decode) use register tiles that read the block in place in its storage dtype (widened
+// in registers), where packing the block for the GEMM would cost more than it saves. Plain
+// (dense) storage is read in place; other policies stage each block as fp32. A sliding window
+// skips the blocks before the window of a unit's first query and masks the rest per query.
 // The engine body is in attention_engine.inc, compiled once per instruction set.
 #pragma once
 
