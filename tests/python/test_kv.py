@@ -367,6 +367,8 @@ def test_opcheck(dtype):
     v = torch.randn(2, 2, 3, 64).to(dtype)
     torch.library.opcheck(torch.ops.effx.kivi_attention.default,
                           (q, k, v, *storage, None, torch.tensor([-1, 0, 0]), 2, 16, True, 0.125))
+    torch.library.opcheck(torch.ops.effx.kivi_attention.default,
+                          (q, k, v, *storage, None, None, 2, 16, True, 0.125, 7))
     torch.library.opcheck(torch.ops.effx.kivi_append_.default, (k, v, *storage, torch.tensor([3, 1]), 2, 16))
     dense = kv.DenseCache(1, 2, 2, 64, 16, dtype=dtype)
     torch.library.opcheck(torch.ops.effx.dense_attention.default,
