@@ -17,6 +17,10 @@ from reference.quant import quantize_like_effx
 # KIVI quantizes what the kernels compute on, so its reference follows the same codes; the
 # remaining difference is fp32 accumulation (and the output dtype).
 KIVI_TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# (device, CPU instruction set): every ISA variant of the CPU engine, and CUDA once.
+BACKENDS = [("cpu", "avx512"), ("cpu", "avx2"), ("cpu", "baseline"),
+            pytest.param("cuda", "avx512", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                     reason="no CUDA device"))]
 
 
 def randn(*shape, dtype, device, scale=1.0):
@@ -151,15 +155,12 @@ def test_dense_long_cache_every_cpu_isa(isa, dtype, kv_heads, q_heads, head_dim,
     assert max(errs) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("device", ALL_DEVICES)
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("device,isa", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kv_heads,q_heads,head_dim", [(2, 8, 64), (1, 2, 40)])
 def test_dense_sliding_window(device, isa, dtype, kv_heads, q_heads, head_dim, monkeypatch):
     """A window narrower than the prefill, then decoding past it in a ragged batch: whole cached
     blocks fall out of the window (skipped) and the rest is masked per query."""
-    if device == "cuda" and isa != "avx512":
-        pytest.skip("the CPU instruction set does not apply on CUDA")
     monkeypatch.setenv("EFFX_CPU_ISA", isa)
     torch.manual_seed(14)
     cache = kv.DenseCache(1, 2, kv_heads, head_dim, 400, dtype=dtype, device=device)
@@ -189,15 +190,12 @@ def kivi_cache(batch, kv_heads, head_dim, capacity, *, bits, group_size, residua
     return cache, dict(bits=bits, group_size=group_size, residual=residual)
 
 
-@pytest.mark.parametrize("device", ALL_DEVICES)
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("device,isa", BACKENDS)
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kivi_sliding_window(device, isa, bits, dtype, monkeypatch):
     """KIVI keeps every token at its position, so a window applies over codes, residual and new
     tokens alike: a prefill past the window, then decoding (on the codes) past it."""
-    if device == "cuda" and isa != "avx512":
-        pytest.skip("the CPU instruction set does not apply on CUDA")
     monkeypatch.setenv("EFFX_CPU_ISA", isa)
     torch.manual_seed(15)
     cache, opts = kivi_cache(2, 2, 64, 1100, bits=bits, group_size=32, residual=64, dtype=dtype, device=device)

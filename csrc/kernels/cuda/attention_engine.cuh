@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kThreads)
       const long long t = t0 + j;
       float score = -INFINITY;
       if (t < t1 && row_valid(r)) {
-        bool visible = a.window <= 0 || t > n + row_query(r) - a.window;
+        bool visible = t >= window_first(a, n + row_query(r));
         if (visible && t >= n) {
           const long long jn = t - n;
           visible = a.parents ? ((anc_s[r * mask_words + jn / 32] >> (jn % 32)) & 1u)

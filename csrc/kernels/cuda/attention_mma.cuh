@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kThreads)
       float mx = -INFINITY;
       for (int j = 0; j < 32; ++j) {
         const long long t = t0 + half * 32 + j;
-        bool visible = valid && t < t1 && (a.window <= 0 || t > n + i - a.window);
+        bool visible = valid && t < t1 && t >= window_first(a, n + i);
         if (visible && t >= n) {
           const long long jn = t - n;
           visible = a.parents ? ((anc_s[rr * mask_words + jn / 32] >> (jn % 32)) & 1u) : (!a.causal || jn <= i);

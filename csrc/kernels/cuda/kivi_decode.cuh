@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
   const long long total = live ? n + 1 : 0;
   // Chunks start at multiples of kCh (whole code words); a sliding window masks the tokens of
   // its first chunk before it.
-  const long long visible_from = a.window > 0 ? n + 1 - a.window : 0;
+  const long long visible_from = window_first(a, n);
   const long long begin = window_begin(a, n, kCh) + split * tokens_per_split;
   const long long end = begin + tokens_per_split < total ? begin + tokens_per_split : total;
 

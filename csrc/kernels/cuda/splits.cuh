@@ -40,13 +40,17 @@ inline long long split_span(const AttentionArgs& a, long long max_total) {
   return span < max_total ? span : max_total;
 }
 
-// First token of a block whose first query sits at `position`: 0, or with a sliding window
-// the first token that query sees, rounded down to a multiple of `align` (at most
-// kWindowSlack; later queries see less of the start, their rows mask it).
-__host__ __device__ inline long long window_begin(const AttentionArgs& a, long long position, long long align) {
-  if (a.window <= 0) return 0;
+// First token the query at `position` sees: 0, or with a sliding window position + 1 - window.
+__host__ __device__ inline long long window_first(const AttentionArgs& a, long long position) {
   const long long first = position + 1 - a.window;
-  return first <= 0 ? 0 : first / align * align;
+  return a.window <= 0 || first <= 0 ? 0 : first;
+}
+
+// First token of a block whose first query sits at `position`: window_first rounded down to a
+// multiple of `align` (at most kWindowSlack; later queries see less of the start, their rows
+// mask it with window_first).
+__host__ __device__ inline long long window_begin(const AttentionArgs& a, long long position, long long align) {
+  return window_first(a, position) / align * align;
 }
 
 // Element d of query row o (its index in [B, Hq, Tq]) from a block that holds its unnormalized
