@@ -85,59 +85,96 @@ struct KiviCached {
   // q.k_t = sum_d (q_d s_dg) c_dt + sum_d q_d m_dg, so each group's scale folds into the query
   // and its minimum into one bias per row; for values p_t v_td = (p_t s_tg) c_td + p_t m_tg,
   // so the scale folds into the probability and the minima gather into one bias per row and
-  // channel group. With groups a whole number of vectors, Ops::fold keeps up to kFoldRows
-  // rows' sums in registers while it unpacks the codes (their coefficients in `coef`);
-  // otherwise a group, token or residual run is unpacked to floats and added row by row.
-  // Scratch: that run, the biases, the coefficients.
-  int64_t fold_scratch(int64_t rows) const { return run_floats() + rows * k.v_groups + 4 * std::max(k.D, block()); }
+  // channel group. With groups a whole number of vectors, the scales and minima of a key group
+  // (over channels) or of a block's value groups (over tokens) are gathered once into vectors,
+  // every row's coefficients and bias come from vector products with them, and Ops::fold keeps
+  // up to kFoldRows rows' sums in registers while it unpacks the codes; otherwise a group,
+  // token or residual run is unpacked to floats and added row by row.
+  struct Scratch {
+    float* run;    // an unpacked run of codes or residual entries
+    float* bias;   // [rows][v_groups]
+    float* coef;   // [rows][depth] of one fold
+    float* scale;  // keys: [block groups][D]; values: [v_groups][block tokens]
+    float* zero;   // the same for the minima
+  };
   int64_t run_floats() const { return std::max({k.G, k.D, block()}); }
+  int64_t gathered_floats() const { return std::max(k.D * block() / k.G, k.v_groups * block()); }
+  int64_t fold_scratch(int64_t rows) const {
+    return run_floats() + rows * (k.v_groups + std::max(k.D, block())) + 2 * gathered_floats();
+  }
+  Scratch split(float* p, int64_t rows) const {
+    Scratch w;
+    w.run = p;
+    w.bias = w.run + run_floats();
+    w.coef = w.bias + rows * k.v_groups;
+    w.scale = w.coef + rows * std::max(k.D, block());
+    w.zero = w.scale + gathered_floats();
+    return w;
+  }
+
+  // scale_t[(g - g0) * D + d] = scale[d][g] for the groups [g0, g0 + count) of a block: the
+  // channel-major layout puts each channel on its own cache line, so every line is read once
+  // for all the block's groups.
+  template <typename Ops>
+  [[gnu::always_inline]] inline void gather_key_groups(const T* scale, const T* zero, int64_t g0, int64_t count,
+                                                       const Scratch& w) const {
+    float* __restrict__ st = w.scale;
+    float* __restrict__ zt = w.zero;
+    const int64_t D = k.D, stride = k.k_groups;
+    for (int64_t d = 0; d < D; ++d) {
+      const T* sd = scale + d * stride + g0;
+      const T* zd = zero + d * stride + g0;
+      for (int64_t j = 0; j < count; ++j) {
+        st[j * D + d] = Ops::widen_one(sd[j]);
+        zt[j * D + d] = Ops::widen_one(zd[j]);
+      }
+    }
+  }
 
   template <typename Ops>
   [[gnu::always_inline]] inline void fold_scores(int64_t b, int64_t h, int64_t t0, int64_t t1, const float* qs,
                                                  int64_t rows, float* sc, int64_t ld, float* scratch) const {
     const int64_t quantized = s.state[b * 3 + 1];
     const auto [codes, scale, zero, res] = keys_of(b, h);
-    float* cf = scratch;
-    float* bias = scratch + run_floats();
-    float* coef = bias + rows * k.v_groups;
+    const Scratch w = split(scratch, rows);
     const bool blocked = k.G % Ops::lanes == 0;
     for (int64_t r = 0; r < rows; ++r) std::fill(sc + r * ld, sc + r * ld + (t1 - t0), 0.0f);
+    const int64_t tq = std::min(t1, quantized), g0 = t0 / k.G;
+    if (blocked) gather_key_groups<Ops>(scale, zero, g0, (tq - t0) / k.G, w);
     int64_t t = t0;
-    for (; t < std::min(t1, quantized); t += k.G) {  // whole groups: t0, kq are multiples of G
+    for (; t < tq; t += k.G) {  // whole groups: t0, kq are multiples of G
       const int64_t g = t / k.G;
-      std::fill(bias, bias + rows, 0.0f);
       if (blocked) {
+        const float* sg = w.scale + (g - g0) * k.D;
+        const float* mg = w.zero + (g - g0) * k.D;
         for (int64_t r0 = 0; r0 < rows; r0 += Ops::kFoldRows) {
           const int rb = static_cast<int>(std::min<int64_t>(Ops::kFoldRows, rows - r0));
-          for (int64_t d = 0; d < k.D; ++d) {
-            const float sdg = to_float(scale[d * k.k_groups + g]), mdg = to_float(zero[d * k.k_groups + g]);
-            for (int r = 0; r < rb; ++r) {
-              const float qd = qs[(r0 + r) * k.D + d];
-              coef[d * rb + r] = qd * sdg;
-              bias[r0 + r] += qd * mdg;
-            }
+          for (int r = 0; r < rb; ++r) {
+            w.bias[r0 + r] = Ops::scale_and_dot(w.coef + r * k.D, qs + (r0 + r) * k.D, sg, mg, k.D);
           }
-          Ops::template fold<BITS>(rb, codes + t * BITS / 32, k.k_words, k.D, coef, sc + r0 * ld + (t - t0), ld, k.G);
+          Ops::template fold<BITS>(rb, codes + t * BITS / 32, k.k_words, k.D, w.coef, k.D, sc + r0 * ld + (t - t0),
+                                   ld, k.G);
         }
       } else {
+        std::fill(w.bias, w.bias + rows, 0.0f);
         for (int64_t d = 0; d < k.D; ++d) {
-          Ops::template unpack<BITS>(codes + d * k.k_words + t * BITS / 32, k.G, cf);
+          Ops::template unpack<BITS>(codes + d * k.k_words + t * BITS / 32, k.G, w.run);
           const float sdg = to_float(scale[d * k.k_groups + g]), mdg = to_float(zero[d * k.k_groups + g]);
           for (int64_t r = 0; r < rows; ++r) {
             const float qd = qs[r * k.D + d];
-            Ops::axpy(sc + r * ld + (t - t0), cf, qd * sdg, k.G);
-            bias[r] += qd * mdg;
+            Ops::axpy(sc + r * ld + (t - t0), w.run, qd * sdg, k.G);
+            w.bias[r] += qd * mdg;
           }
         }
       }
-      for (int64_t r = 0; r < rows; ++r) Ops::add(sc + r * ld + (t - t0), bias[r], k.G);
+      for (int64_t r = 0; r < rows; ++r) Ops::add(sc + r * ld + (t - t0), w.bias[r], k.G);
     }
     // The key residual holds [kq, n) in columns t % R = t - kq: one contiguous run.
     const int64_t count = t1 - t;
     for (int64_t d = 0; count > 0 && d < k.D; ++d) {
       const T* run = res + d * k.R + t % k.R;
-      for (int64_t j = 0; j < count; ++j) cf[j] = to_float(run[j]);
-      for (int64_t r = 0; r < rows; ++r) Ops::axpy(sc + r * ld + (t - t0), cf, qs[r * k.D + d], count);
+      for (int64_t j = 0; j < count; ++j) w.run[j] = to_float(run[j]);
+      for (int64_t r = 0; r < rows; ++r) Ops::axpy(sc + r * ld + (t - t0), w.run, qs[r * k.D + d], count);
     }
   }
 
@@ -146,47 +183,47 @@ struct KiviCached {
                                                  int64_t ld, int64_t rows, float* acc, float* scratch) const {
     const int64_t quantized = s.state[b * 3 + 2];
     const auto [codes, scale, zero, res] = values_of(b, h);
-    float* cf = scratch;
-    float* bias = scratch + run_floats();
-    float* coef = bias + rows * k.v_groups;
-    std::fill(bias, bias + rows * k.v_groups, 0.0f);
-    const int64_t tq = std::min(t1, quantized);
+    const Scratch w = split(scratch, rows);
+    std::fill(w.bias, w.bias + rows * k.v_groups, 0.0f);
+    const int64_t tq = std::min(t1, quantized), nt = tq - t0;
     if (k.G % Ops::lanes == 0) {
-      for (int64_t g = 0; g < k.v_groups; ++g) {
+      for (int64_t t = 0; t < nt; ++t) {
+        for (int64_t g = 0; g < k.v_groups; ++g) {
+          w.scale[g * nt + t] = Ops::widen_one(scale[(t0 + t) * k.v_groups + g]);
+          w.zero[g * nt + t] = Ops::widen_one(zero[(t0 + t) * k.v_groups + g]);
+        }
+      }
+      for (int64_t g = 0; nt > 0 && g < k.v_groups; ++g) {
         for (int64_t r0 = 0; r0 < rows; r0 += Ops::kFoldRows) {
           const int rb = static_cast<int>(std::min<int64_t>(Ops::kFoldRows, rows - r0));
-          for (int64_t t = t0; t < tq; ++t) {
-            const float sg = to_float(scale[t * k.v_groups + g]), mg = to_float(zero[t * k.v_groups + g]);
-            for (int r = 0; r < rb; ++r) {
-              const float pt = p[(r0 + r) * ld + (t - t0)];
-              coef[(t - t0) * rb + r] = pt * sg;
-              bias[(r0 + r) * k.v_groups + g] += pt * mg;
-            }
+          for (int r = 0; r < rb; ++r) {
+            w.bias[(r0 + r) * k.v_groups + g] =
+                Ops::scale_and_dot(w.coef + r * nt, p + (r0 + r) * ld, w.scale + g * nt, w.zero + g * nt, nt);
           }
-          Ops::template fold<BITS>(rb, codes + t0 * k.v_words + g * k.G * BITS / 32, k.v_words, tq - t0, coef,
+          Ops::template fold<BITS>(rb, codes + t0 * k.v_words + g * k.G * BITS / 32, k.v_words, nt, w.coef, nt,
                                    acc + r0 * k.D + g * k.G, k.D, k.G);
         }
       }
     } else {
       for (int64_t t = t0; t < tq; ++t) {
-        Ops::template unpack<BITS>(codes + t * k.v_words, k.D, cf);
+        Ops::template unpack<BITS>(codes + t * k.v_words, k.D, w.run);
         for (int64_t g = 0; g < k.v_groups; ++g) {
           const float sg = to_float(scale[t * k.v_groups + g]), mg = to_float(zero[t * k.v_groups + g]);
           for (int64_t r = 0; r < rows; ++r) {
             const float pt = p[r * ld + (t - t0)];
-            Ops::axpy(acc + r * k.D + g * k.G, cf + g * k.G, pt * sg, k.G);
-            bias[r * k.v_groups + g] += pt * mg;
+            Ops::axpy(acc + r * k.D + g * k.G, w.run + g * k.G, pt * sg, k.G);
+            w.bias[r * k.v_groups + g] += pt * mg;
           }
         }
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t g = 0; g < k.v_groups; ++g) Ops::add(acc + r * k.D + g * k.G, bias[r * k.v_groups + g], k.G);
+      for (int64_t g = 0; g < k.v_groups; ++g) Ops::add(acc + r * k.D + g * k.G, w.bias[r * k.v_groups + g], k.G);
     }
     for (int64_t t = std::max(t0, tq); t < t1; ++t) {  // the value residual: token t in row t % R
       const T* row = res + (t % k.R) * k.D;
-      for (int64_t d = 0; d < k.D; ++d) cf[d] = to_float(row[d]);
-      for (int64_t r = 0; r < rows; ++r) Ops::axpy(acc + r * k.D, cf, p[r * ld + (t - t0)], k.D);
+      for (int64_t d = 0; d < k.D; ++d) w.run[d] = to_float(row[d]);
+      for (int64_t r = 0; r < rows; ++r) Ops::axpy(acc + r * k.D, w.run, p[r * ld + (t - t0)], k.D);
     }
   }
 };
