@@ -1,7 +1,10 @@
 // effx._C: the Python extension module. Importing it registers every torch.ops.effx operator
-// (static initializers in csrc/ops); the pybind11 functions here describe the build.
+// (static initializers in csrc/ops); the pybind11 functions here describe the build and probe
+// the CPU's compute roof.
 #include <Python.h>
 #include <pybind11/pybind11.h>
+
+#include "effx/peak.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -40,5 +43,8 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "effx compiled extension: torch.ops.effx operators and build information";
   m.def("build_info", &build_info, "What this build of effx was compiled with.");
+  m.def("cpu_fma_peak_flops", &effx::cpu::fma_peak_flops, py::arg("num_threads"),
+        "FLOP/s of independent fp32 FMA chains on num_threads threads in the widest vector ISA the CPU kernels "
+        "use: the compute roof of CPU benchmark reports.");
   register_offload(m);
 }

@@ -1,8 +1,10 @@
 """Benchmark harness shared by every effx family.
 
-Timing is the median of many runs after warm-up (CUDA events on GPU, perf_counter on CPU).
+Timing is the median of many runs after warm-up (CUDA events on GPU, perf_counter on CPU);
+an op and its baselines take turns (median_times), so that drift hits them alike.
 Roofs are measured here, on this machine: copy bandwidth from a large tensor copy and the
-matmul rate from a large matmul, so "% of roof" always refers to the hardware in use.
+matmul rate from a large matmul, and on CPUs the FMA rate of independent fp32 FMA chains (the
+compute roof there: a BLAS may reach half of it), so "% of roof" refers to the hardware in use.
 """
 
 from __future__ import annotations
@@ -24,34 +26,49 @@ import torch
 import effx
 
 
+def _seconds(fn: Callable[[], object], cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median_times(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3, runs: int = 20,
+                 min_seconds: float = 0.0) -> dict[str, float]:
+    """Median seconds of one call of each of ``fns`` (after ``warmup`` calls of each), by name.
+
+    The calls take turns, one of each per round, so that a machine whose speed drifts (a shared
+    VM, a GPU changing clocks) slows every candidate alike instead of whichever ran in the slow
+    minute. ``min_seconds`` extends the round count for very fast calls so the medians are stable.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    cuda = device.type == "cuda"
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    spent = 0.0
+    for rounds in range(1, 10 * runs + 1):
+        for name, fn in fns.items():
+            times[name].append(_seconds(fn, cuda))
+        spent = min(sum(t) for t in times.values())
+        if rounds >= runs and spent >= min_seconds:
+            break
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, runs: int = 20,
                 min_seconds: float = 0.0) -> float:
     """Median seconds of one call of ``fn`` (after ``warmup`` calls).
 
     ``min_seconds`` extends the run count for very fast calls so the median is stable.
     """
-    for _ in range(warmup):
-        fn()
-    cuda = device.type == "cuda"
-    times: list[float] = []
-    spent = 0.0
-    while len(times) < runs or spent < min_seconds:
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            t = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            t = time.perf_counter() - t0
-        times.append(t)
-        spent += t
-        if len(times) >= 10 * runs:
-            break
-    return statistics.median(times)
+    return median_times({"fn": fn}, device, warmup=warmup, runs=runs, min_seconds=min_seconds)["fn"]
 
 
 @dataclasses.dataclass
@@ -60,17 +77,24 @@ class Roofs:
     copy_gbps: float  # bytes read + written per second by a large copy
     matmul_tflops: float  # dense matmul rate in the dtype named below
     matmul_dtype: str
+    fma_tflops: float = 0.0  # CPUs: fp32 FMA chains on every thread (effx._C.cpu_fma_peak_flops); else 0
+
+    @property
+    def compute_tflops(self) -> float:
+        """The compute roof: the FMA rate where probed (a CPU's BLAS may reach half of it), else the matmul's."""
+        return max(self.matmul_tflops, self.fma_tflops)
 
     @property
     def ridge_flop_per_byte(self) -> float:
-        return self.matmul_tflops * 1e12 / (self.copy_gbps * 1e9)
+        return self.compute_tflops * 1e12 / (self.copy_gbps * 1e9)
 
 
 _ROOFS: dict[str, Roofs] = {}
 
 
 def measure_roofs(device: torch.device) -> Roofs:
-    """Measure (once per process) the copy bandwidth and matmul rate of ``device``."""
+    """Measure (once per process) the copy bandwidth and matmul rate of ``device``, and on a CPU
+    its fp32 FMA rate."""
     key = str(device)
     if key in _ROOFS:
         return _ROOFS[key]
@@ -85,8 +109,9 @@ def measure_roofs(device: torch.device) -> Roofs:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t_mm = median_time(lambda: a @ b, device, warmup=2, runs=10)
+    fma = 0.0 if cuda else effx._C.cpu_fma_peak_flops(torch.get_num_threads()) / 1e12
     roofs = Roofs(device=device_name(device), copy_gbps=2 * nbytes / t_copy / 1e9,
-                  matmul_tflops=2 * n**3 / t_mm / 1e12, matmul_dtype=str(dtype).replace("torch.", ""))
+                  matmul_tflops=2 * n**3 / t_mm / 1e12, matmul_dtype=str(dtype).replace("torch.", ""), fma_tflops=fma)
     _ROOFS[key] = roofs
     return roofs
 
@@ -125,7 +150,7 @@ class Record:
     def roof_fraction(self) -> float:
         """Fraction of the binding roof: memory for low arithmetic intensity, else compute."""
         t_mem = self.bytes / (self.roofs.copy_gbps * 1e9)
-        t_cmp = self.flops / (self.roofs.matmul_tflops * 1e12)
+        t_cmp = self.flops / (self.roofs.compute_tflops * 1e12)
         return max(t_mem, t_cmp) / self.time_s
 
     @property

@@ -9,15 +9,18 @@ importable on CUDA (:mod:`effx.bench.peers`; those that cannot run are noted as 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from effx import kv
 from effx.bench import peers
-from effx.bench.harness import Record, measure_roofs, median_time
+from effx.bench.harness import Record, measure_roofs, median_times
 
 HKV, HQ, D = 8, 32, 128
 WINDOW = 4096  # Mistral's sliding window, for the windowed dense step
+_OWN = ("dense", "dense window", "kivi2", "kivi4")  # effx's own candidates, not baselines
 
 
 def torch_dequantize_then_attend(q, cache: kv.KIVICache, n: int):
@@ -54,16 +57,15 @@ def decode_cases(device: torch.device, quick: bool):
             yield b, t
 
 
-def decode_peers(found: dict, q, k, v, shape: dict, runs: int) -> dict[str, float]:
-    """Median seconds of each peer that runs on this decode case, by peer name."""
+def decode_peers(found: dict, q, k, v, shape: dict) -> dict[str, Callable[[], object]]:
+    """The peers that run on this decode case (and agree with SDPA), as calls by peer name."""
     candidates = peers.sdpa_candidates(q, k, v)
     if "flash-attn" in found:
         candidates["flash-attn"] = lambda: peers.flash_attn_decode(found["flash-attn"], q, k, v)
     if "flashinfer" in found:
         candidates["flashinfer"] = lambda: peers.flashinfer_decode(found["flashinfer"], q, k, v)
     reference = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    return {name: median_time(call, q.device, runs=runs)
-            for name, call in peers.usable("kivi", candidates, reference, shape).items()}
+    return peers.usable("kivi", candidates, reference, shape)
 
 
 def run(device: torch.device, quick: bool = False) -> list[Record]:
@@ -81,32 +83,39 @@ def run(device: torch.device, quick: bool = False) -> list[Record]:
         k1 = torch.randn(b, HKV, 1, D, device=device, dtype=dtype)
         v1 = torch.randn(b, HKV, 1, D, device=device, dtype=dtype)
         kv_fp_bytes = 2 * k.nbytes
-        t_sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device, runs=runs)
         shape = {"B": b, "T": t, "Hkv": HKV, "Hq": HQ, "D": D}
-        t_peers = decode_peers(found, q, k, v, shape, runs)
-
         dense = kv.DenseCache(1, b, HKV, D, t + 2 * (runs + 10), dtype=dtype, device=device)
         dense.extend(0, k, v)
-        t_dense = median_time(lambda: dense.attend(0, q, k1, v1), device, runs=runs)
-        for base, t_base in {"sdpa": t_sdpa, **t_peers}.items():
-            records.append(Record("kivi", "dense-step", shape, name, roofs.device, t_dense, kv_fp_bytes,
-                                  4.0 * b * HQ * t * D, base, t_base, roofs))
-        if t > WINDOW:  # a sliding window (Mistral's 4096) reads only the window's blocks
-            t_window = median_time(lambda: dense.attend(0, q, k1, v1, window=WINDOW), device, runs=runs)
-            records.append(Record("kivi", "dense-window-step", dict(shape, window=WINDOW), name, roofs.device,
-                                  t_window, kv_fp_bytes * WINDOW // t, 4.0 * b * HQ * WINDOW * D, "dense full",
-                                  t_dense, roofs))
-        del dense
+        caches = {}
         for bits in (2, 4):
-            cache = kv.KIVICache(1, b, HKV, D, t + 2 * (runs + 10), bits=bits, dtype=dtype, device=device)
-            cache.extend(0, k, v)
+            caches[bits] = kv.KIVICache(1, b, HKV, D, t + 2 * (runs + 10), bits=bits, dtype=dtype, device=device)
+            caches[bits].extend(0, k, v)
+        n = caches[2].seq_len()
+        # Every candidate of this case takes turns (median_times); attend appends a token per
+        # call, so each cache grows by the same few tokens for all of them.
+        calls = {"dense": lambda: dense.attend(0, q, k1, v1),
+                 "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                 **decode_peers(found, q, k, v, shape)}
+        if t > WINDOW:  # a sliding window (Mistral's 4096) reads only the window's blocks
+            calls["dense window"] = lambda: dense.attend(0, q, k1, v1, window=WINDOW)
+        for bits, cache in caches.items():
+            calls[f"kivi{bits}"] = lambda cache=cache: cache.attend(0, q, k1, v1)
+            calls[f"torch deq+sdpa {bits}"] = lambda cache=cache: torch_dequantize_then_attend(q, cache, n)
+        times = median_times(calls, device, runs=runs)
+        peer_times = {name: times[name] for name in calls if name not in _OWN and not name.startswith("torch deq")}
+        for base, t_base in {"sdpa": times["sdpa"], **peer_times}.items():
+            records.append(Record("kivi", "dense-step", shape, name, roofs.device, times["dense"], kv_fp_bytes,
+                                  4.0 * b * HQ * t * D, base, t_base, roofs))
+        if "dense window" in times:
+            records.append(Record("kivi", "dense-window-step", dict(shape, window=WINDOW), name, roofs.device,
+                                  times["dense window"], kv_fp_bytes * WINDOW // t, 4.0 * b * HQ * WINDOW * D,
+                                  "dense full", times["dense"], roofs))
+        for bits, cache in caches.items():
             held = cache.nbytes()
-            t_kivi = median_time(lambda: cache.attend(0, q, k1, v1), device, runs=runs)
-            n = cache.seq_len()
-            t_torch = median_time(lambda: torch_dequantize_then_attend(q, cache, n), device, runs=max(3, runs // 3))
             shape_b = dict(shape, bits=bits, nbytes_vs_fp16=round(held / (kv_fp_bytes * 2 / k.element_size()), 4))
-            for base, t_base in {"sdpa": t_sdpa, "torch deq+sdpa": t_torch, **t_peers}.items():
-                records.append(Record("kivi", f"kivi{bits}-step", shape_b, name, roofs.device, t_kivi, held,
-                                      4.0 * b * HQ * t * D, base, t_base, roofs))
-            del cache
+            bases = {"sdpa": times["sdpa"], "torch deq+sdpa": times[f"torch deq+sdpa {bits}"], **peer_times}
+            for base, t_base in bases.items():
+                records.append(Record("kivi", f"kivi{bits}-step", shape_b, name, roofs.device, times[f"kivi{bits}"],
+                                      held, 4.0 * b * HQ * t * D, base, t_base, roofs))
+        del dense, caches
     return records

@@ -78,21 +78,30 @@ def _kernel_points(records: list[dict]) -> list[dict]:
     return points
 
 
+def _compute_tflops(roofs: dict) -> float:
+    """The compute roof of a results file's roofs entry (files before the FMA probe have none)."""
+    return max(roofs["matmul_tflops"], roofs.get("fma_tflops", 0.0))
+
+
+def _compute_source(roofs: dict) -> str:
+    return "fp32 FMA" if roofs.get("fma_tflops", 0.0) > roofs["matmul_tflops"] else f"{roofs['matmul_dtype']} matmul"
+
+
 def plot_roofline(plt, records: list[dict], roofs: dict | None, device: str, path: str) -> None:
-    """Achieved FLOP/s against arithmetic intensity (log-log) under the copy and matmul roofs."""
+    """Achieved FLOP/s against arithmetic intensity (log-log) under the copy and compute roofs."""
     points = _kernel_points(records)
     fig, ax = plt.subplots(figsize=(10, 5.5))
     ai = [p["flops"] / p["bytes"] for p in points]
     achieved = [p["flops"] / p["time_s"] for p in points]
     lo, hi = min(ai) / 4, max(ai) * 4
     if roofs:
-        bw, peak = roofs["copy_gbps"] * 1e9, roofs["matmul_tflops"] * 1e12
+        bw, peak = roofs["copy_gbps"] * 1e9, _compute_tflops(roofs) * 1e12
         ridge = peak / bw
         lo, hi = min(lo, ridge / 4), max(hi, ridge * 4)
         xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
         ax.plot(xs, [min(peak, x * bw) for x in xs], color="black", lw=1.5,
-                label=f"roof: copy {roofs['copy_gbps']:.1f} GB/s, matmul {roofs['matmul_tflops']:.3g} TFLOP/s "
-                      f"({roofs['matmul_dtype']})")
+                label=f"roof: copy {roofs['copy_gbps']:.1f} GB/s, compute {_compute_tflops(roofs):.3g} TFLOP/s "
+                      f"({_compute_source(roofs)})")
         ax.axvline(ridge, color="gray", ls=":", lw=1)
     for i, family in enumerate(_families(points)):
         mine = [p for p in points if p["family"] == family]
@@ -162,10 +171,14 @@ def _header(doc: dict, data_name: str) -> list[str]:
     roofs = doc.get("roofs", [])
     if roofs:
         lines += ["## Roofs", "", "Measured on the machine at the start of the run: copy bandwidth from a large "
-                  "tensor copy (bytes read + written), matmul rate from a large matmul.", ""]
-        lines.append(_md_table(["device", "copy GB/s", "matmul TFLOP/s", "matmul dtype", "ridge FLOP/byte"], [
+                  "tensor copy (bytes read + written), matmul rate from a large torch matmul, and on a CPU the "
+                  "rate of independent fp32 FMA chains on every thread. The compute roof is the larger of the "
+                  "last two (a CPU BLAS may reach half the FMA rate).", ""]
+        lines.append(_md_table(["device", "copy GB/s", "matmul TFLOP/s", "matmul dtype", "FMA TFLOP/s",
+                                "ridge FLOP/byte"], [
             [r["device"], f"{r['copy_gbps']:.1f}", f"{r['matmul_tflops']:.3f}", r["matmul_dtype"],
-             f"{r['matmul_tflops'] * 1e12 / (r['copy_gbps'] * 1e9):.2f}"] for r in roofs]))
+             f"{r['fma_tflops']:.3f}" if r.get("fma_tflops") else "-",
+             f"{_compute_tflops(r) * 1e12 / (r['copy_gbps'] * 1e9):.2f}"] for r in roofs]))
         lines.append("")
     return lines
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from effx import spec
 from effx.bench import peers
-from effx.bench.harness import Record, measure_roofs, median_time, note_skipped
+from effx.bench.harness import Record, measure_roofs, median_times, note_skipped
 
 HKV, HQ, D = 8, 32, 128
 
@@ -86,10 +86,10 @@ def attention_records(device: torch.device, quick: bool) -> list[Record]:
             candidates["flashinfer"] = lambda: peers.flashinfer_tree(found["flashinfer"], q, k_all, v_all, mask == 0)
         usable = peers.usable("tree", candidates, sdpa(), shape)
 
-        t_tree = median_time(tree, device, runs=runs)
-        t_decode = median_time(decode, device, runs=runs)
-        t_sdpa = median_time(sdpa, device, runs=runs)
-        t_peers = {peer: median_time(call, device, runs=runs) for peer, call in usable.items()}
+        t_peers = median_times({"effx tree": tree, "effx decode": decode, "sdpa dense mask": sdpa, **usable}, device,
+                               runs=runs)
+        t_tree, t_decode = t_peers.pop("effx tree"), t_peers.pop("effx decode")
+        t_sdpa = t_peers.pop("sdpa dense mask")
         nbytes = 2 * kp.nbytes + q.nbytes * 2 + 2 * kt.nbytes
         flops = 4.0 * HQ * n * (p + n) * D
         for base, t_base in {"sdpa dense mask": t_sdpa, "1-token decode": t_decode, **t_peers}.items():

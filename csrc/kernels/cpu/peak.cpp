@@ -1,0 +1,99 @@
+// effx: the FMA rate probe of include/effx/peak.h.
+#include "effx/peak.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "block_gemm.h"
+
+namespace effx {
+namespace cpu {
+namespace {
+
+// More independent accumulators than FMA latency times FMA units on any current core (4 x 2),
+// so the units, not a dependency chain, bound the rate. Returns a value that depends on every
+// chain, so that none is optimized away.
+constexpr int kChains = 16;
+
+float chains_baseline(int64_t iters) {
+  typedef float V __attribute__((vector_size(16)));
+  V acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = V{} + static_cast<float>(i);
+  V x = V{} + 0.999999f, y = V{} + 1e-7f;
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < kChains; ++i) acc[i] = acc[i] * x + y;
+    asm volatile("" : "+x"(x));
+  }
+  float s = 0.0f;
+  for (int i = 0; i < kChains; ++i) s += acc[i][0];
+  return s;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,fma"))) float chains_avx2(int64_t iters) {
+  __m256 acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm256_set1_ps(static_cast<float>(i));
+  __m256 x = _mm256_set1_ps(0.999999f);
+  const __m256 y = _mm256_set1_ps(1e-7f);
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < kChains; ++i) acc[i] = _mm256_fmadd_ps(acc[i], x, y);
+    asm volatile("" : "+x"(x));
+  }
+  float s = 0.0f;
+  for (int i = 0; i < kChains; ++i) s += _mm256_cvtss_f32(acc[i]);
+  return s;
+}
+
+__attribute__((target("avx512f"))) float chains_avx512(int64_t iters) {
+  __m512 acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  __m512 x = _mm512_set1_ps(0.999999f);
+  const __m512 y = _mm512_set1_ps(1e-7f);
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < kChains; ++i) acc[i] = _mm512_fmadd_ps(acc[i], x, y);
+    asm volatile("" : "+v"(x));
+  }
+  float s = 0.0f;
+  for (int i = 0; i < kChains; ++i) s += _mm512_cvtss_f32(acc[i]);
+  return s;
+}
+#endif
+
+}  // namespace
+
+double fma_peak_flops(int num_threads) {
+  using block_gemm::Isa;
+  const Isa isa = block_gemm::best_isa();
+  const int lanes = isa == Isa::Avx512 ? 16 : (isa == Isa::Avx2 ? 8 : 4);
+  constexpr int64_t kIters = int64_t{1} << 22;  // ~20 ms per run at 3 GHz and 2 FMAs per cycle
+  double best = 0.0;
+  volatile float sink = 0.0f;
+  for (int run = 0; run < 5; ++run) {
+    const auto t0 = std::chrono::steady_clock::now();
+    float s = 0.0f;
+    int ran = 0;  // threads the runtime gave, which may be fewer than asked
+#pragma omp parallel num_threads(std::max(1, num_threads)) reduction(+ : s, ran)
+    {
+      ran += 1;
+#if defined(__x86_64__) || defined(__i386__)
+      if (isa == Isa::Avx512) s += chains_avx512(kIters);
+      else if (isa == Isa::Avx2) s += chains_avx2(kIters);
+      else s += chains_baseline(kIters);
+#else
+      s += chains_baseline(kIters);
+#endif
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    sink = sink + s;
+    best = std::max(best, 2.0 * lanes * kChains * kIters * ran / seconds);
+  }
+  return best;
+}
+
+}  // namespace cpu
+}  // namespace effx
