@@ -2,8 +2,8 @@
 // (n = 1024, 4096) of 32 x 32 blocks in the flat block-butterfly pattern of PixelflyLinear
 // (butterfly 4, its default, and the full butterfly), 1024 rows, fp32: forward and backward
 // (grad_x + grad_blocks) time, GFLOP/s counted from the stored blocks, GB/s of the operands,
-// and the fraction of two roofs measured here: register-only FMA chains (timing.h) and the
-// same kernel at full density (every block stored, i.e. a dense GEMM through this code).
+// and the fraction of two roofs measured here: register-only FMA chains (effx::cpu::fma_peak)
+// and the same kernel at full density (every block stored, i.e. a dense GEMM through this code).
 // Before timing it checks the kernels against naive loops (a tiny irregular shape in full,
 // sampled entries at every benchmarked shape) and exits 1 on a mismatch.
 // --quick: n = 1024 only; --threads N: thread count (default: all cores).
@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "effx/peak.h"
 #include "effx/pixelfly.h"
 #include "timing.h"
 
@@ -190,9 +191,10 @@ int main(int argc, char** argv) {
     check(d, -1, rng);
   }
 
-  const auto roof = effx_bench::fma_roof_gflops(threads);
+  const effx::cpu::FmaPeak peak = effx::cpu::fma_peak(threads);
+  const double roof_gflops = peak.flops / 1e9;
   const int64_t bs = 32, rows = 1024;
-  std::printf("fp32 FMA roof: %.1f GFLOP/s (%s), threads: %d; block %lld, rows %lld, fp32\n", roof.gflops, roof.isa,
+  std::printf("fp32 FMA roof: %.1f GFLOP/s (%s), threads: %d; block %lld, rows %lld, fp32\n", roof_gflops, peak.isa,
               threads, (long long)bs, (long long)rows);
 
   // The kernel's own dense rate: every block of the n = 1024 grid stored.
@@ -224,8 +226,8 @@ int main(int argc, char** argv) {
     char dense_pct[32];
     std::snprintf(dense_pct, sizeof dense_pct, "%.0f/%.0f", 100 * gf / dense_fwd, 100 * gb / dense_bwd);
     std::printf("%-6lld %-10s %7.2f%% %9.3f %9.1f %7.1f %5.1f%% %8.3f %9.1f %6.1f%% %6s\n", (long long)k.n, k.name,
-                100.0 * p.s.nnz / (r * r), tf * 1e3, gf, fwd_bytes / tf / 1e9, 100 * gf / roof.gflops, tb * 1e3, gb,
-                100 * gb / roof.gflops, dense_pct);
+                100.0 * p.s.nnz / (r * r), tf * 1e3, gf, fwd_bytes / tf / 1e9, 100 * gf / roof_gflops, tb * 1e3, gb,
+                100 * gb / roof_gflops, dense_pct);
   }
   std::printf("(dense%%: forward/backward GFLOP/s as a fraction of the same kernel at full density, n = 1024)\n");
   if (failures) {

@@ -43,7 +43,9 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "effx compiled extension: torch.ops.effx operators and build information";
   m.def("build_info", &build_info, "What this build of effx was compiled with.");
-  m.def("cpu_fma_peak_flops", &effx::cpu::fma_peak_flops, py::arg("num_threads"),
+  m.def(
+      "cpu_fma_peak_flops", [](int num_threads) { return effx::cpu::fma_peak(num_threads).flops; },
+      py::arg("num_threads"),
         "FLOP/s of independent fp32 FMA chains on num_threads threads in the widest vector ISA the CPU kernels "
         "use: the compute roof of CPU benchmark reports.");
   register_offload(m);

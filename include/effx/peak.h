@@ -6,9 +6,16 @@
 namespace effx {
 namespace cpu {
 
-// FLOP/s of independent fp32 FMA chains in the widest vector ISA the kernels use
-// (block_gemm::best_isa), on `num_threads` threads at once, the best of a few short runs.
-double fma_peak_flops(int num_threads);
+struct FmaPeak {
+  double flops;     // fp32 FLOP/s over all threads (an FMA counts 2)
+  const char* isa;  // the vector instruction set it ran in
+};
+
+// Independent fp32 FMA chains in registers, in the widest vector ISA the kernels use
+// (block_gemm::best_isa, so EFFX_CPU_ISA caps it too), on `num_threads` threads at once: the
+// fastest of a few short runs, since a roof is what the machine can reach and on a shared
+// machine a run only ever loses time to other tenants.
+FmaPeak fma_peak(int num_threads);
 
 }  // namespace cpu
 }  // namespace effx

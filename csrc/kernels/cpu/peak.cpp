@@ -66,7 +66,7 @@ __attribute__((target("avx512f"))) float chains_avx512(int64_t iters) {
 
 }  // namespace
 
-double fma_peak_flops(int num_threads) {
+FmaPeak fma_peak(int num_threads) {
   using block_gemm::Isa;
   const Isa isa = block_gemm::best_isa();
   const int lanes = isa == Isa::Avx512 ? 16 : (isa == Isa::Avx2 ? 8 : 4);
@@ -92,7 +92,7 @@ double fma_peak_flops(int num_threads) {
     sink = sink + s;
     best = std::max(best, 2.0 * lanes * kChains * kIters * ran / seconds);
   }
-  return best;
+  return {best, isa == Isa::Avx512 ? "avx512" : (isa == Isa::Avx2 ? "avx2" : "baseline")};
 }
 
 }  // namespace cpu
