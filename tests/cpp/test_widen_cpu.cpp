@@ -1,11 +1,16 @@
 // effx C++ test: the in-register fp16/bf16 -> fp32 widening of the CPU kernels (load_widened in
 // csrc/kernels/cpu/block_gemm.inc) in every instruction-set variant this CPU runs, against the
 // scalar conversions of include/effx/dtype.h on all 65536 bit patterns of each type: normals,
-// subnormals, signed zeros, infinities and NaNs.
+// subnormals, signed zeros, infinities and NaNs; and again with the FPU's flush-to-zero and
+// denormals-are-zero flags set (torch.set_flush_denormal), which must not change any of them.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "block_gemm.h"
 #include "check.h"
@@ -45,14 +50,23 @@ void check_isa(const char* isa) {
   std::printf("widen_cpu %s: all fp16 and bf16 bit patterns ok\n", isa);
 }
 
-}  // namespace
-
-int main() {
+void check_every_isa() {
   namespace cpu = effx::cpu;
   using cpu::block_gemm::Isa;
   const Isa best = cpu::block_gemm::best_isa();
   check_isa<cpu::isa_baseline::Kernels>("baseline");
   if (best == Isa::Avx2 || best == Isa::Avx512) check_isa<cpu::isa_avx2::Kernels>("avx2");
   if (best == Isa::Avx512) check_isa<cpu::isa_avx512::Kernels>("avx512");
+}
+
+}  // namespace
+
+int main() {
+  check_every_isa();
+#if defined(__x86_64__)
+  _mm_setcsr(_mm_getcsr() | 0x8040u);  // FTZ (bit 15) and DAZ (bit 6)
+  std::printf("widen_cpu with flush-to-zero and denormals-are-zero:\n");
+  check_every_isa();
+#endif
   return 0;
 }

@@ -169,6 +169,26 @@ def test_weights_are_read_exactly(device, dtype):
     assert torch.equal(y, w[idx])
 
 
+def test_fp16_subnormal_weights_survive_flush_denormal():
+    """fp16 subnormals are normal fp32 values: with torch.set_flush_denormal (the CPU's DAZ and
+    FTZ flags) on, the widening still returns them bit for bit instead of zero."""
+    d, n = 83, 20
+    w = torch.randn(n, d, dtype=torch.float64) * 1e-6  # |w| < 2^-14: fp16 subnormals
+    w[3, 5:9] = torch.tensor([2.0**-24, -(2.0**-24), 2.0**-15, 1.0])
+    w = w.to(torch.float16)
+    assert (w[w != 0].abs() < torch.finfo(torch.float16).smallest_normal).float().mean() > 0.9
+    eye = torch.eye(d, dtype=torch.float16)
+    idx = torch.tensor([0, 3, 19, 7])
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no denormal flush mode")
+    try:
+        h = effx.ops.sparse_mlp_up(eye, w, idx, "none")
+        y = effx.ops.sparse_mlp_down(torch.eye(4, dtype=torch.float16), w, idx)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(h, w[idx].T) and torch.equal(y, w[idx])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_down_is_bitwise_deterministic_across_threads(dtype):
     batch, d, n, k = 3, 1100, 600, 400  # large enough to run threaded

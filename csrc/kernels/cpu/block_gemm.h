@@ -16,6 +16,7 @@
 #endif
 
 #include "effx/dtype.h"
+#include "half_bits.h"
 
 namespace effx {
 namespace cpu {

@@ -18,6 +18,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "half_bits.h"
+
 // The hot loops are compiled for AVX-512 and AVX2 as well as the baseline; the loader picks the
 // best one the CPU supports (the choice is fixed per machine, so results stay reproducible).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -47,14 +49,8 @@ int threads_for(int64_t work, int num_threads) {
   return work < kSerialWork ? 1 : std::max(1, num_threads);
 }
 
-// Branch-free fp16 -> fp32 (exact, subnormals and inf/nan included) so conversion loops
-// vectorize: the 15 exponent+mantissa bits land in an fp32 whose exponent bias differs by 112.
-inline float widen(Half h) {
-  const uint32_t em = static_cast<uint32_t>(h.bits & 0x7fffu);
-  uint32_t r = float_bits(bits_float(em << 13) * 0x1p112f);
-  r = em >= 0x7c00u ? (r | 0x7f800000u) : r;
-  return bits_float(r | (static_cast<uint32_t>(h.bits & 0x8000u) << 16));
-}
+// fp16 through effx::to_float: exact, and independent of the FPU's denormal flags.
+inline float widen(Half h) { return to_float(h); }
 inline float widen(BFloat16 b) { return bits_float(static_cast<uint32_t>(b.bits) << 16); }
 inline float widen(float f) { return f; }
 
@@ -74,6 +70,7 @@ inline void prefetch(const void* p, int64_t bytes) {
 // Written with vector types because GCC's auto-vectorizer turns these nests into scalar code.
 typedef float Floats __attribute__((vector_size(64)));
 typedef uint32_t Words __attribute__((vector_size(64)));
+typedef int32_t Ints __attribute__((vector_size(64)));
 typedef uint16_t Halves __attribute__((vector_size(32)));
 
 #define EFFX_INLINE inline __attribute__((always_inline))
@@ -100,15 +97,8 @@ EFFX_INLINE Words load16_bits(const void* p) {
 
 EFFX_INLINE Floats load16(const BFloat16* p) { return as_floats(load16_bits(p) << 16); }
 
-// The branch-free fp16 widening of widen(Half), on 16 values at once.
 EFFX_INLINE Floats load16(const Half* p) {
-  const Words u = load16_bits(p);
-  const Words em = u & 0x7fffu;
-  const Floats scaled = as_floats(em << 13) * 0x1p112f;
-  Words r;
-  std::memcpy(&r, &scaled, sizeof r);
-  r |= reinterpret_cast<Words>(em >= 0x7c00u) & 0x7f800000u;
-  return as_floats(r | ((u & 0x8000u) << 16));
+  return as_floats(fp16_to_fp32_bits<Words, Ints, Floats>(load16_bits(p)));
 }
 
 EFFX_INLINE float lane_sum(Floats v) {
