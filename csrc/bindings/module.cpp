@@ -48,5 +48,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_threads"),
         "FLOP/s of independent fp32 FMA chains on num_threads threads in the widest vector ISA the CPU kernels "
         "use: the compute roof of CPU benchmark reports.");
+  m.def("cpu_bf16_dot_peak_flops", &effx::cpu::bf16_dot_peak_flops, py::arg("num_threads"),
+        "The same for AVX512_BF16 dot products (the roof of bf16 work on them); 0 where the CPU has none.");
   register_offload(m);
 }

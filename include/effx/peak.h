@@ -17,5 +17,9 @@ struct FmaPeak {
 // machine a run only ever loses time to other tenants.
 FmaPeak fma_peak(int num_threads);
 
+// The same for AVX512_BF16's bf16 dot products (4 FLOPs per lane), the roof of bf16 work that
+// runs on them (csrc/kernels/cpu/bf16_gemm.h); 0 where the CPU lacks them or EFFX_CPU_ISA caps them.
+double bf16_dot_peak_flops(int num_threads);
+
 }  // namespace cpu
 }  // namespace effx

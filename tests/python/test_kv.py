@@ -129,12 +129,14 @@ def test_dense_tree_attention_and_commit(device, dtype):
 
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("isa", ["avx512bf16", "avx512", "avx2", "baseline"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kv_heads,q_heads,head_dim", [(2, 8, 64), (1, 2, 40)])
+@pytest.mark.parametrize("kv_heads,q_heads,head_dim", [(2, 8, 64), (1, 2, 40), (1, 3, 33)])
 def test_dense_long_cache_every_cpu_isa(isa, dtype, kv_heads, q_heads, head_dim, monkeypatch):
-    """Cached blocks read in place (several whole blocks), decode rows and many-row (block GEMM)
-    prefill chunks, head_dim not a multiple of the vector width, each CPU instruction set."""
+    """Cached blocks read in place (several whole blocks, and blocks of 22 and 3 tokens), decode
+    rows and many-row (block GEMM) prefill chunks and trees, head_dim not a multiple of the
+    vector width (and odd), each CPU instruction set; bf16 with avx512bf16 on a CPU that has it
+    runs the many-row products on bf16 pairs (bf16_gemm.h), except at the odd head_dim."""
     monkeypatch.setenv("EFFX_CPU_ISA", isa)
     torch.manual_seed(11)
     cache = kv.DenseCache(1, 2, kv_heads, head_dim, 400, dtype=dtype)

@@ -9,7 +9,9 @@
 // Units with many query rows (prefill, token trees, wide GQA groups) run both products
 // (scores = Q K^T, out += P V) through the register-tiled block GEMM of block_gemm.inc; a few
 // rows (decode) use register tiles that read the block in place in its storage dtype (widened
-// in registers), where packing the block for the GEMM would cost more than it saves. Plain
+// in registers), where packing the block for the GEMM would cost more than it saves. Over bf16
+// caches on CPUs with AVX512_BF16, the many-row products run on bf16 pairs instead (the query
+// rows unscaled, the scores scaled after, the probabilities rounded to bf16). Plain
 // (dense) storage is read in place; other policies stage each block as fp32. A sliding window
 // skips the blocks before the window of a unit's first query and masks the rest per query.
 // The engine body is in attention_engine.inc, compiled once per instruction set.
@@ -21,6 +23,7 @@
 #include <limits>
 #include <vector>
 
+#include "bf16_gemm.h"
 #include "block_gemm.h"
 #include "effx/attention.h"
 

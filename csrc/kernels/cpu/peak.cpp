@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16_gemm.h"
 #include "block_gemm.h"
 
 namespace effx {
@@ -62,15 +63,29 @@ __attribute__((target("avx512f"))) float chains_avx512(int64_t iters) {
   for (int i = 0; i < kChains; ++i) s += _mm512_cvtss_f32(acc[i]);
   return s;
 }
+
+// vdpbf16ps: per lane two bf16 products added into fp32, 4 FLOPs.
+__attribute__((target("avx512f,avx512bf16"))) float chains_bf16(int64_t iters) {
+  __m512 acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(0x3f803f80));  // (1, 1)
+  const __m512bh y = reinterpret_cast<__m512bh>(_mm512_set1_epi32(0x33d633d6));  // (1e-7, 1e-7)
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < kChains; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], x, y);
+    asm volatile("" : "+v"(x));
+  }
+  float s = 0.0f;
+  for (int i = 0; i < kChains; ++i) s += _mm512_cvtss_f32(acc[i]);
+  return s;
+}
 #endif
 
-}  // namespace
+constexpr int64_t kIters = int64_t{1} << 22;  // ~20 ms per run at 3 GHz and 2 FMAs per cycle
 
-FmaPeak fma_peak(int num_threads) {
-  using block_gemm::Isa;
-  const Isa isa = block_gemm::best_isa();
-  const int lanes = isa == Isa::Avx512 ? 16 : (isa == Isa::Avx2 ? 8 : 4);
-  constexpr int64_t kIters = int64_t{1} << 22;  // ~20 ms per run at 3 GHz and 2 FMAs per cycle
+// The fastest of 5 runs of `chains(kIters)` on every thread, in FLOP/s given the FLOPs of one
+// iteration of one thread.
+template <typename Chains>
+double best_rate(int num_threads, double flops_per_iter, Chains chains) {
   double best = 0.0;
   volatile float sink = 0.0f;
   for (int run = 0; run < 5; ++run) {
@@ -80,19 +95,38 @@ FmaPeak fma_peak(int num_threads) {
 #pragma omp parallel num_threads(std::max(1, num_threads)) reduction(+ : s, ran)
     {
       ran += 1;
-#if defined(__x86_64__) || defined(__i386__)
-      if (isa == Isa::Avx512) s += chains_avx512(kIters);
-      else if (isa == Isa::Avx2) s += chains_avx2(kIters);
-      else s += chains_baseline(kIters);
-#else
-      s += chains_baseline(kIters);
-#endif
+      s += chains(kIters);
     }
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     sink = sink + s;
-    best = std::max(best, 2.0 * lanes * kChains * kIters * ran / seconds);
+    best = std::max(best, flops_per_iter * kIters * ran / seconds);
   }
-  return {best, isa == Isa::Avx512 ? "avx512" : (isa == Isa::Avx2 ? "avx2" : "baseline")};
+  return best;
+}
+
+}  // namespace
+
+FmaPeak fma_peak(int num_threads) {
+  using block_gemm::Isa;
+  const Isa isa = block_gemm::best_isa();
+  const int lanes = isa == Isa::Avx512 ? 16 : (isa == Isa::Avx2 ? 8 : 4);
+  const double flops = best_rate(num_threads, 2.0 * lanes * kChains, [isa](int64_t iters) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (isa == Isa::Avx512) return chains_avx512(iters);
+    if (isa == Isa::Avx2) return chains_avx2(iters);
+#endif
+    (void)isa;
+    return chains_baseline(iters);
+  });
+  return {flops, isa == Isa::Avx512 ? "avx512" : (isa == Isa::Avx2 ? "avx2" : "baseline")};
+}
+
+double bf16_dot_peak_flops(int num_threads) {
+#if defined(__x86_64__)
+  if (bf16::available()) return best_rate(num_threads, 4.0 * 16 * kChains, chains_bf16);
+#endif
+  (void)num_threads;
+  return 0.0;
 }
 
 }  // namespace cpu

@@ -3,8 +3,9 @@
 Timing is the median of many runs after warm-up (CUDA events on GPU, perf_counter on CPU);
 an op and its baselines take turns (median_times), so that drift hits them alike.
 Roofs are measured here, on this machine: copy bandwidth from a large tensor copy and the
-matmul rate from a large matmul, and on CPUs the FMA rate of independent fp32 FMA chains (the
-compute roof there: a BLAS may reach half of it), so "% of roof" refers to the hardware in use.
+matmul rate from a large matmul, and on CPUs the rate of independent fp32 FMA chains (the
+compute roof there: a BLAS may reach half of it) and of bf16 dot products (the roof of bf16
+work, where AVX512_BF16 runs it), so "% of roof" refers to the hardware in use.
 """
 
 from __future__ import annotations
@@ -78,11 +79,16 @@ class Roofs:
     matmul_tflops: float  # dense matmul rate in the dtype named below
     matmul_dtype: str
     fma_tflops: float = 0.0  # CPUs: fp32 FMA chains on every thread (effx._C.cpu_fma_peak_flops); else 0
+    bf16_dot_tflops: float = 0.0  # CPUs with AVX512_BF16: its bf16 dot products, likewise; else 0
 
     @property
     def compute_tflops(self) -> float:
         """The compute roof: the FMA rate where probed (a CPU's BLAS may reach half of it), else the matmul's."""
         return max(self.matmul_tflops, self.fma_tflops)
+
+    def compute_tflops_of(self, dtype: str) -> float:
+        """The compute roof of work in ``dtype``: bf16 on a CPU with bf16 dot products has theirs."""
+        return max(self.compute_tflops, self.bf16_dot_tflops if dtype == "bfloat16" else 0.0)
 
     @property
     def ridge_flop_per_byte(self) -> float:
@@ -94,7 +100,7 @@ _ROOFS: dict[str, Roofs] = {}
 
 def measure_roofs(device: torch.device) -> Roofs:
     """Measure (once per process) the copy bandwidth and matmul rate of ``device``, and on a CPU
-    its fp32 FMA rate."""
+    its fp32 FMA rate and bf16 dot-product rate."""
     key = str(device)
     if key in _ROOFS:
         return _ROOFS[key]
@@ -109,9 +115,12 @@ def measure_roofs(device: torch.device) -> Roofs:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t_mm = median_time(lambda: a @ b, device, warmup=2, runs=10)
-    fma = 0.0 if cuda else effx._C.cpu_fma_peak_flops(torch.get_num_threads()) / 1e12
+    threads = torch.get_num_threads()
+    fma = 0.0 if cuda else effx._C.cpu_fma_peak_flops(threads) / 1e12
+    dot = 0.0 if cuda else effx._C.cpu_bf16_dot_peak_flops(threads) / 1e12
     roofs = Roofs(device=device_name(device), copy_gbps=2 * nbytes / t_copy / 1e9,
-                  matmul_tflops=2 * n**3 / t_mm / 1e12, matmul_dtype=str(dtype).replace("torch.", ""), fma_tflops=fma)
+                  matmul_tflops=2 * n**3 / t_mm / 1e12, matmul_dtype=str(dtype).replace("torch.", ""), fma_tflops=fma,
+                  bf16_dot_tflops=dot)
     _ROOFS[key] = roofs
     return roofs
 
@@ -150,7 +159,7 @@ class Record:
     def roof_fraction(self) -> float:
         """Fraction of the binding roof: memory for low arithmetic intensity, else compute."""
         t_mem = self.bytes / (self.roofs.copy_gbps * 1e9)
-        t_cmp = self.flops / (self.roofs.compute_tflops * 1e12)
+        t_cmp = self.flops / (self.roofs.compute_tflops_of(self.dtype) * 1e12)
         return max(t_mem, t_cmp) / self.time_s
 
     @property

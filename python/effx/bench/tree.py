@@ -41,9 +41,14 @@ def dense_mask(parents: list[int], p: int, device, dtype) -> torch.Tensor:
 
 
 def _cases(device: torch.device, quick: bool):
+    """(tree tokens, prefix, dtype): fp16 on CUDA; fp32 on CPUs, and bf16 for the 64-token trees
+    (the AVX512_BF16 path of the engine where the CPU has it)."""
     if device.type == "cuda":
-        return [(n, p) for n in ((64,) if quick else (16, 64, 256, 512)) for p in ((16384,) if quick else (1024, 16384, 32768))]
-    return [(n, p) for n in ((64,) if quick else (16, 64, 256)) for p in ((1024,) if quick else (1024, 16384))]
+        return [(n, p, torch.float16) for n in ((64,) if quick else (16, 64, 256, 512))
+                for p in ((16384,) if quick else (1024, 16384, 32768))]
+    cases = [(n, p, torch.float32) for n in ((64,) if quick else (16, 64, 256))
+             for p in ((1024,) if quick else (1024, 16384))]
+    return cases + [(n, p, torch.bfloat16) for n, p, _ in cases if n == 64]
 
 
 def attention_records(device: torch.device, quick: bool) -> list[Record]:
@@ -51,11 +56,10 @@ def attention_records(device: torch.device, quick: bool) -> list[Record]:
     found = peers.cuda_peers("tree", device)
     if "flash-attn" in found:
         note_skipped("tree", "flash-attn", "no arbitrary attention mask (a token tree needs one)")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    name = str(dtype).replace("torch.", "")
     runs = 30 if device.type == "cuda" else 5
     records = []
-    for n, p in _cases(device, quick):
+    for n, p, dtype in _cases(device, quick):
+        name = str(dtype).replace("torch.", "")
         torch.manual_seed(0)
         kp = torch.randn(1, HKV, p, D, device=device, dtype=dtype)
         vp = torch.randn(1, HKV, p, D, device=device, dtype=dtype)

@@ -1,0 +1,46 @@
+// effx: a GEMM on bf16 pairs with AVX512_BF16's dot-product instruction (vdpbf16ps: 16 lanes,
+// each adding two bf16 x bf16 products into an fp32 accumulator), twice the multiply-adds per
+// instruction of an fp32 FMA. The attention engine runs both products of its many-row units
+// over bf16 caches through it where the CPU has the instruction: the products of two bf16 are
+// exact in fp32 and only the additions round (as in the fp32 path), so scores keep their
+// accuracy; the probabilities are rounded to bf16 for P V, as GPU attention kernels do.
+// Layouts are in 32-bit words, each a pair of consecutive bf16 along the reduction: a row
+// (A, and the keys as B^T) is its pairs in order; packed B holds panels of kPanel columns,
+// pair p of column j of panel q at word (q * KP + p) * kPanel + j.
+#pragma once
+
+#include <cstdint>
+
+#include "effx/dtype.h"
+
+namespace effx {
+namespace cpu {
+namespace bf16 {
+
+constexpr int64_t kPanel = 32;  // columns per packed panel: two 16-lane vectors
+
+// True where this CPU has AVX512_BF16 and EFFX_CPU_ISA (unset, or "avx512bf16") allows it;
+// EFFX_CPU_ISA=avx512 keeps the fp32 path of the same instruction set (tests cover both).
+bool available();
+
+// Words of packed B for N columns of KP pairs.
+inline int64_t packed_words(int64_t N, int64_t KP) { return (N + kPanel - 1) / kPanel * kPanel * KP; }
+
+// Packed B from N rows of 2 KP contiguous bf16 (row j at rows + j * ld): B[p][j] = pair p of row j
+// (the keys of a block, whose rows are the columns of K^T).
+void pack_columns(int64_t N, int64_t KP, const BFloat16* rows, int64_t ld, uint32_t* out);
+
+// Packed B from K rows of N contiguous bf16 (row k at rows + k * ld): pair p of column j is
+// (row 2p, row 2p + 1) at j, the missing row of an odd K zero (the values of a block).
+void pack_rows(int64_t K, int64_t N, const BFloat16* rows, int64_t ld, uint32_t* out);
+
+// dst[0, n) = src rounded to bf16 (nearest even), then zeros up to n_padded.
+void round_to_bf16(const float* src, int64_t n, int64_t n_padded, BFloat16* dst);
+
+// c[m * ldc + j] (+)= sum_p a_m[p] . B[p][j] for m < M, j < N: a_m is KP words at a + m * lda.
+void gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* packed, float* c,
+          int64_t ldc, bool accumulate);
+
+}  // namespace bf16
+}  // namespace cpu
+}  // namespace effx
