@@ -12,8 +12,9 @@
 // in registers), where packing the block for the GEMM would cost more than it saves. Over bf16
 // caches on CPUs with AVX512_BF16, the many-row products run on bf16 pairs instead (the query
 // rows unscaled, the scores scaled after, the probabilities rounded to bf16). Plain
-// (dense) storage is read in place; other policies stage each block as fp32. A sliding window
-// skips the blocks before the window of a unit's first query and masks the rest per query.
+// (dense) storage and blocks of the step's new tokens are read in place; other policies stage
+// their cached blocks as fp32. A sliding window skips the blocks before the window of a unit's
+// first query and masks the rest per query.
 // The engine body is in attention_engine.inc, compiled once per instruction set.
 #pragma once
 

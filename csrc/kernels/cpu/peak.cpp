@@ -28,7 +28,6 @@ float chains_baseline(int64_t iters) {
   V x = V{} + 0.999999f, y = V{} + 1e-7f;
   for (int64_t it = 0; it < iters; ++it) {
     for (int i = 0; i < kChains; ++i) acc[i] = acc[i] * x + y;
-    asm volatile("" : "+x"(x));
   }
   float s = 0.0f;
   for (int i = 0; i < kChains; ++i) s += acc[i][0];

@@ -53,7 +53,6 @@ def median_times(fns: dict[str, Callable[[], object]], device: torch.device, *, 
             fn()
     cuda = device.type == "cuda"
     times: dict[str, list[float]] = {name: [] for name in fns}
-    spent = 0.0
     for rounds in range(1, 10 * runs + 1):
         for name, fn in fns.items():
             times[name].append(_seconds(fn, cuda))
