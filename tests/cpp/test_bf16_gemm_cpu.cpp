@@ -1,8 +1,8 @@
 // effx C++ test: the AVX512_BF16 GEMM of csrc/kernels/cpu/bf16_gemm.h against float64 sums of
 // the same bf16 operands: row tiles of 1 to 6 rows, partial panels, odd reductions (a zero
-// missing row), accumulation, operands packed from key-like rows and value-like rows, and the
-// rounding of probabilities to bf16 (nearest even). Skips (exit 77) on a CPU without the
-// instruction.
+// missing row), a scale on the product, accumulation, operands packed from key-like rows and
+// value-like rows, and the rounding of probabilities to bf16 (nearest even). Skips (exit 77)
+// on a CPU without the instruction.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -40,15 +40,17 @@ void check(int64_t M, int64_t N, int64_t K, bool keys, bool accumulate, std::mt1
   std::memcpy(words.data(), a.data(), words.size() * 4);
   const int64_t ldc = N + 2;
   std::vector<float> c(M * ldc, 0.5f);
-  bf::gemm(M, N, KP, words.data(), KP, packed.data(), c.data(), ldc, accumulate);
+  const float alpha = keys ? 0.125f : 1.0f;  // the scores' softmax scale; values unscaled
+  bf::gemm(M, N, KP, words.data(), KP, packed.data(), alpha, c.data(), ldc, accumulate);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t j = 0; j < N; ++j) {
-      double want = accumulate ? 0.5 : 0.0, mag = 0.0;
+      double dot = 0.0, mag = 0.0;
       for (int64_t k = 0; k < K; ++k) {
         const double bk = effx::to_float(keys ? b[j * ld + k] : b[k * ld + j]);
-        want += effx::to_float(a[m * 2 * KP + k]) * bk;
+        dot += effx::to_float(a[m * 2 * KP + k]) * bk;
         mag += std::fabs(effx::to_float(a[m * 2 * KP + k]) * bk);
       }
+      const double want = (accumulate ? 0.5 : 0.0) + alpha * dot;
       const double got = c[m * ldc + j];
       EFFX_EXPECT(std::fabs(got - want) <= 1e-6 * (mag + 1.0), "M=%lld N=%lld K=%lld keys=%d (%lld, %lld): got %g, want %g",
                   (long long)M, (long long)N, (long long)K, keys, (long long)m, (long long)j, got, want);

@@ -81,8 +81,8 @@ namespace {
 constexpr int kRows = 6;  // rows per tile: 12 accumulators, two B vectors and a broadcast in 32 zmm
 
 template <int MR>
-EFFX_BF16_TARGET void tile(int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* bp, float* c, int64_t ldc,
-                           int64_t nr, bool accumulate) {
+EFFX_BF16_TARGET void tile(int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* bp, float alpha, float* c,
+                           int64_t ldc, int64_t nr, bool accumulate) {
   __m512 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < KP; ++p) {
@@ -99,7 +99,8 @@ EFFX_BF16_TARGET void tile(int64_t KP, const uint32_t* a, int64_t lda, const uin
   const __mmask16 m1 = static_cast<__mmask16>((uint32_t{1} << std::max<int64_t>(0, nr - 16)) - 1);
   for (int r = 0; r < MR; ++r) {
     float* cr = c + r * ldc;
-    __m512 v0 = acc[r][0], v1 = acc[r][1];
+    const __m512 scale = _mm512_set1_ps(alpha);
+    __m512 v0 = _mm512_mul_ps(acc[r][0], scale), v1 = _mm512_mul_ps(acc[r][1], scale);
     if (accumulate) {
       v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
       v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));
@@ -111,8 +112,8 @@ EFFX_BF16_TARGET void tile(int64_t KP, const uint32_t* a, int64_t lda, const uin
 
 }  // namespace
 
-void gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* packed, float* c,
-          int64_t ldc, bool accumulate) {
+void gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* packed, float alpha,
+          float* c, int64_t ldc, bool accumulate) {
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
     const int64_t mr = std::min<int64_t>(kRows, M - m0);
     for (int64_t q0 = 0; q0 < N; q0 += kPanel) {
@@ -121,12 +122,12 @@ void gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda, cons
       float* cm = c + m0 * ldc + q0;
       const int64_t nr = std::min(kPanel, N - q0);
       switch (mr) {
-        case 6: tile<6>(KP, am, lda, bp, cm, ldc, nr, accumulate); break;
-        case 5: tile<5>(KP, am, lda, bp, cm, ldc, nr, accumulate); break;
-        case 4: tile<4>(KP, am, lda, bp, cm, ldc, nr, accumulate); break;
-        case 3: tile<3>(KP, am, lda, bp, cm, ldc, nr, accumulate); break;
-        case 2: tile<2>(KP, am, lda, bp, cm, ldc, nr, accumulate); break;
-        default: tile<1>(KP, am, lda, bp, cm, ldc, nr, accumulate); break;
+        case 6: tile<6>(KP, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
+        case 5: tile<5>(KP, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
+        case 4: tile<4>(KP, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
+        case 3: tile<3>(KP, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
+        case 2: tile<2>(KP, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
+        default: tile<1>(KP, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
       }
     }
   }
@@ -138,7 +139,7 @@ bool available() { return false; }
 void pack_columns(int64_t, int64_t, const BFloat16*, int64_t, uint32_t*) { std::abort(); }
 void pack_rows(int64_t, int64_t, const BFloat16*, int64_t, uint32_t*) { std::abort(); }
 void round_to_bf16(const float*, int64_t, int64_t, BFloat16*) { std::abort(); }
-void gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, float*, int64_t, bool) {
+void gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, float, float*, int64_t, bool) {
   std::abort();
 }
 

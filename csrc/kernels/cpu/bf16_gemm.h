@@ -37,9 +37,10 @@ void pack_rows(int64_t K, int64_t N, const BFloat16* rows, int64_t ld, uint32_t*
 // dst[0, n) = src rounded to bf16 (nearest even), then zeros up to n_padded.
 void round_to_bf16(const float* src, int64_t n, int64_t n_padded, BFloat16* dst);
 
-// c[m * ldc + j] (+)= sum_p a_m[p] . B[p][j] for m < M, j < N: a_m is KP words at a + m * lda.
-void gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* packed, float* c,
-          int64_t ldc, bool accumulate);
+// c[m * ldc + j] (+)= alpha * sum_p a_m[p] . B[p][j] for m < M, j < N: a_m is KP words at
+// a + m * lda (alpha: the softmax scale of unscaled queries, applied as the tile is stored).
+void gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* packed, float alpha,
+          float* c, int64_t ldc, bool accumulate);
 
 }  // namespace bf16
 }  // namespace cpu

@@ -49,14 +49,9 @@ int threads_for(int64_t work, int num_threads) {
   return work < kSerialWork ? 1 : std::max(1, num_threads);
 }
 
-// fp16 through effx::to_float: exact, and independent of the FPU's denormal flags.
-inline float widen(Half h) { return to_float(h); }
-inline float widen(BFloat16 b) { return bits_float(static_cast<uint32_t>(b.bits) << 16); }
-inline float widen(float f) { return f; }
-
 template <typename T>
 EFFX_SPARSE_CLONES void widen_row(const T* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = widen(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
 // Ask for `bytes` from p before they are needed: gathered rows jump around memory, which the
@@ -129,7 +124,7 @@ EFFX_SPARSE_CLONES void dot_tile(const float* const* x, const T* w, int64_t n, f
     Floats a = acc[t][0];
     for (int v = 1; v < V; ++v) a += acc[t][v];
     float sum = lane_sum(a);
-    for (int64_t c = body; c < n; ++c) sum += x[t][c] * widen(w[c]);
+    for (int64_t c = body; c < n; ++c) sum += x[t][c] * to_float(w[c]);
     out[t] = sum;
   }
 }
@@ -168,8 +163,8 @@ EFFX_SPARSE_CLONES void dot_tile_pair(const float* const* x, const T* w0, const 
     }
     float s0 = lane_sum(a), s1 = lane_sum(b);
     for (int64_t c = body; c < n; ++c) {
-      s0 += x[t][c] * widen(w0[c]);
-      s1 += x[t][c] * widen(w1[c]);
+      s0 += x[t][c] * to_float(w0[c]);
+      s1 += x[t][c] * to_float(w1[c]);
     }
     out0[t] = s0;
     out1[t] = s1;
@@ -233,7 +228,7 @@ EFFX_SPARSE_CLONES void add_rows(const float* v, const T* const* w, int64_t rows
   }
   for (int64_t c = body; c < n; ++c) {
     float a = acc[c];
-    for (int64_t j = 0; j < rows; ++j) a += v[j] * widen(w[j][c]);
+    for (int64_t j = 0; j < rows; ++j) a += v[j] * to_float(w[j][c]);
     acc[c] = a;
   }
 }
