@@ -130,6 +130,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.kv != "h2o" and (args.heavy is not None or args.recent is not None):
         print("effx generate: --heavy and --recent apply to --kv h2o", file=sys.stderr)
         return 2
+    if args.tree is not None and args.spec_draft is None:
+        print("effx generate: --tree applies to --spec-draft", file=sys.stderr)
+        return 2
+    tree = _tree(args.tree or "auto")
+    if tree is None:
+        print(f"effx generate: --tree takes auto or chain:N (N >= 1), got {args.tree!r}", file=sys.stderr)
+        return 2
     if args.kv_offload is not None and args.kv != "offload":
         print("effx generate: --kv-offload applies to --kv offload", file=sys.stderr)
         return 2
@@ -182,7 +189,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = models.generate(model, ids, max_new_tokens=args.max_new_tokens, cache=args.kv,
                                  cache_options=options, temperature=args.temperature, top_p=args.top_p,
                                  stop_tokens=stop, generator=torch.Generator(device).manual_seed(args.seed),
-                                 mlp=mlp, weights=weights, draft=draft, progress=sys.stderr.isatty())
+                                 mlp=mlp, weights=weights, draft=draft, tree=tree, progress=sys.stderr.isatty())
     except ValueError as err:
         print(f"effx generate: {err}", file=sys.stderr)
         return 1
@@ -199,6 +206,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"{b:>3} {result.prompt_lengths[b]:>10} {len(tokens):>8} {result.finish_reasons[b]:>7}")
     print(f"\nprefill {result.prefill_seconds:.3f} s, decode {result.decode_tokens_per_second:.1f} tokens/s "
           f"(batch {len(ids)}), KV cache {result.kv_bytes:,} bytes")
+    if draft is not None:
+        print(f"tree speculation: a tree of {len(result.tree)} tokens per step"
+              + (" (planned: no tree beats plain decoding here)" if not result.tree else "")
+              + f", {result.accepted_per_step:.2f} tokens per target step")
     if args.json:
         import effx
 
@@ -208,7 +219,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    max_new_tokens=args.max_new_tokens, prefill_s=result.prefill_seconds,
                    decode_s=result.decode_seconds, decode_tokens_per_s=result.decode_tokens_per_second,
-                   kv_bytes=result.kv_bytes,
+                   kv_bytes=result.kv_bytes, spec_tree=result.tree, accepted_per_step=result.accepted_per_step,
                    outputs=[dict(prompt=p, prompt_tokens=n, tokens=t, text=x, finish_reason=r)
                             for p, n, t, x, r in zip(args.prompt, result.prompt_lengths, result.tokens, texts,
                                                      result.finish_reasons)])
@@ -220,6 +231,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 f.write(text + "\n")
             print(f"wrote {args.json}")
     return 0
+
+
+def _tree(text: str) -> str | list[int] | None:
+    """--tree's value as generate's ``tree`` argument, or None when malformed."""
+    if text == "auto":
+        return text
+    kind, _, n = text.partition(":")
+    if kind != "chain" or not n.isdigit() or int(n) < 1:
+        return None
+    return list(range(-1, int(n) - 1))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -265,8 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--heavy", type=_budget, help="H2O heavy hitters: tokens or fraction of the prompt (0.1)")
     g.add_argument("--recent", type=_budget, help="H2O recent window: tokens or fraction of the prompt (0.1)")
     g.add_argument("--sparsity", type=float, help="sparse MLP (DejaVu): fraction of MLP neurons skipped, e.g. 0.5")
-    g.add_argument("--spec-draft", metavar="DIR", help="draft model for tree speculation (a chain of 4 per step): a "
-                                                     "checkpoint folder, or first:N for the model's first N layers")
+    g.add_argument("--spec-draft", metavar="DIR", help="draft model for tree speculation: a checkpoint folder, or "
+                                                     "first:N for the model's first N layers")
+    g.add_argument("--tree", metavar="SHAPE", help="--spec-draft's tree: auto (default: Sequoia's planner measures "
+                                                 "the draft's acceptance on the prompts and both models' costs, and "
+                                                 "picks the fastest tree, or none) or chain:N")
     g.add_argument("--offload", metavar="GPU,CPU", help="serve weights through the offload engine: percent of "
                                                          "weights on the GPU and on the CPU, the rest on disk")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")

@@ -37,7 +37,6 @@ __all__ = [
     "TinyDecoder",
     "Generation",
     "generate",
-    "spec_demo_rows",
 ]
 
 
@@ -377,23 +376,29 @@ def choose_tree(accept_probs, draft_time, target_time, max_nodes: int, max_depth
     ``draft_time``: seconds of one draft step, one per level (a number, or a table
     {tree size: seconds} / callable of the tree size); ``target_time``: seconds of one target forward over a
     tree of n tokens, as a table {n: seconds} (interpolated) or a callable. ``sizes`` restricts
-    the sizes tried (default every size up to ``max_nodes``). Returns the tree with
-    ``time_per_token`` set.
+    the sizes tried (default every size up to ``max_nodes``); size 0 is plain decoding (one
+    target token per call, no draft), the answer when no tree pays for its draft. Returns the
+    tree with ``time_per_token`` set.
     """
     dp = _SequoiaDP(accept_probs, max_nodes, max_depth, "choose_tree")
     best = None
     for n in sizes or range(1, max_nodes + 1):
-        if not 1 <= n <= max_nodes:
-            _fail("choose_tree", f"sizes must be in [1, {max_nodes}], got {n}")
-        t_target = _interpolate(target_time, n + 1, "choose_tree")
-        t_step = _interpolate(draft_time, n, "choose_tree")
-        for d in range(1, max_depth + 1):
-            per_token = (d * t_step + t_target) / float(dp.f[d + 1, n + 1])
-            if best is None or per_token < best[0] - 1e-15:
-                best = (per_token, n, d)
-    _, n, d = best
+        if not 0 <= n <= max_nodes:
+            _fail("choose_tree", f"sizes must be in [0, {max_nodes}], got {n}")
+        if n == 0:
+            candidates = [(_interpolate(target_time, 1, "choose_tree"), 0, 0)]
+        else:
+            t_target = _interpolate(target_time, n + 1, "choose_tree")
+            t_step = _interpolate(draft_time, n, "choose_tree")
+            candidates = [((d * t_step + t_target) / float(dp.f[d + 1, n + 1]), n, d) for d in range(1, max_depth + 1)]
+        for c in candidates:
+            if best is None or c[0] < best[0] - 1e-15:
+                best = c
+    per_token, n, d = best
+    if n == 0:
+        return SequoiaTree([], 1.0, 0, per_token)
     parents = dp.build(n + 1, d + 1)
-    return SequoiaTree(parents, float(dp.f[d + 1, n + 1]), int(tree_depths(parents).max()), best[0])
+    return SequoiaTree(parents, float(dp.f[d + 1, n + 1]), int(tree_depths(parents).max()), per_token)
 
 
 # --- SpecExec trees --------------------------------------------------------------------------------
@@ -465,7 +470,7 @@ def acceptance_vector(target_logits: torch.Tensor, draft_logits: torch.Tensor, k
     is the accepted one, from target and draft logits at the same positions ([R, V] each).
 
     Sampling: k children drawn without replacement from the draft, verified by the exact
-    rule on the device (one tree of k children per position, all positions in one batch).
+    rule on the device (one tree of k children per position, a chunk of positions per batch).
     Greedy: the children are the draft's top-k; the j-th is accepted when it is the target's
     argmax.
     """
@@ -474,21 +479,27 @@ def acceptance_vector(target_logits: torch.Tensor, draft_logits: torch.Tensor, k
                                    f"{list(target_logits.shape)} and {list(draft_logits.shape)}")
     r, v = target_logits.shape
     k = min(k, v)
-    parents = torch.full((k,), -1, dtype=torch.int64)
-    dev = target_logits.device
     if greedy:
         children = draft_logits.topk(k, -1).indices
-        rows = torch.cat([target_logits[:, None], target_logits[:, None].expand(-1, k, -1)], 1)
-        res = verify_greedy(children, parents, rows)
-    else:
-        q = ops.sampling_probs(draft_logits, temperature, top_p)
+        first = (children == target_logits.argmax(-1, keepdim=True)).double()
+        return first.mean(0).cpu()
+    parents = torch.full((k,), -1, dtype=torch.int64)
+    dev = target_logits.device
+    hits = torch.zeros(k, dtype=torch.float64, device=dev)
+    # Verification rows are [positions, k + 1, vocab]: a chunk of positions at a time keeps them
+    # near 2^25 elements however large the vocabulary.
+    chunk = max(1, (1 << 25) // ((k + 1) * v))
+    for lo in range(0, r, chunk):
+        t, d = target_logits[lo:lo + chunk], draft_logits[lo:lo + chunk]
+        q = ops.sampling_probs(d, temperature, top_p)
         children = _draw_without_replacement(q, k, generator)
-        rows_q = torch.cat([q[:, None], torch.zeros(r, k, v, device=dev)], 1)
-        rows_t = torch.cat([target_logits[:, None], target_logits[:, None].expand(-1, k, -1)], 1)
+        rows_q = torch.cat([q[:, None], torch.zeros(q.shape[0], k, v, device=dev)], 1)
+        rows_t = torch.cat([t[:, None], t[:, None].expand(-1, k, -1)], 1)
         res = verify_sample(children, parents, rows_t, rows_q, temperature=temperature, top_p=top_p,
                             generator=generator)
-    first = torch.where(res.num_accepted > 0, res.accepted[:, 0], torch.full_like(res.num_accepted, -1))
-    return torch.stack([(first == j).double().mean() for j in range(k)]).cpu()
+        first = torch.where(res.num_accepted > 0, res.accepted[:, 0], torch.full_like(res.num_accepted, -1))
+        hits += (first[:, None] == torch.arange(k, device=dev)).double().sum(0)
+    return (hits / r).cpu()
 
 
 def measure_acceptance(target, draft, tokens: torch.Tensor, make_cache: Callable[[int], kv.KVCache], k: int,
@@ -577,11 +588,14 @@ class TinyDecoder(torch.nn.Module):
 class Generation:
     """``tokens``: per row, the generated tokens (prompt excluded); ``accepted_per_step``: per
     target call, the mean over rows of the tokens it emitted (accepted plus bonus);
-    ``tokens_per_second``: generated tokens of all rows over the loop's wall time."""
+    ``seconds``: wall time of the decode loop; ``prefill_seconds``: the prompt's pass (all but
+    its last token, which roots the first tree) through target and draft, before the loop;
+    ``tokens_per_second``: generated tokens of all rows per second of the decode loop."""
 
     tokens: list[list[int]]
     accepted_per_step: list[float]
     seconds: float
+    prefill_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -638,8 +652,13 @@ def generate(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, target
         pre = prompt[:, :-1]
         pos = torch.arange(pre.shape[1], device=device)[None].expand(b, -1)
         target(pre, target_cache, pos)
+        if speculate:
+            draft(pre, draft_cache, pos)
     pending = prompt[:, -1]
-    chain = prompt.tolist()  # tokens the draft has not seen yet, ending with the pending one
+    chain = [[t] for t in pending.tolist()]  # tokens the draft has not seen yet, ending with the pending one
+    _sync(device)
+    prefill_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     out: list[list[int]] = [[] for _ in range(b)]
     per_step: list[float] = []
     depths = (tree_depths(shape) if shape else torch.zeros(0, dtype=torch.int64)).tolist()
@@ -686,7 +705,7 @@ def generate(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, target
         pending = bonus.to(device)
     _sync(device)
     seconds = time.perf_counter() - start
-    return Generation([o[:max_new_tokens] for o in out], per_step, seconds)
+    return Generation([o[:max_new_tokens] for o in out], per_step, seconds, prefill_seconds)
 
 
 def _draft_tree(draft, cache, chain, shape, depths, mode, temperature, top_p, nodes, max_depth, generator, device):
@@ -747,36 +766,3 @@ def _draft_tree(draft, cache, chain, shape, depths, mode, temperature, top_p, no
                 drawn = _draw_without_replacement(q, len(kids), generator)
             tokens[:, kids] = drawn
     return tokens, list(shape), q_rows
-
-
-# --- demo ----------------------------------------------------------------------------------------
-
-
-def spec_demo_rows(device: torch.device) -> list[str]:
-    """Printable rows for ``effx demo``: speculative decoding on a small random model (fixed
-    seed) against plain decoding with the same model: tokens per target call and tokens/s."""
-    device = torch.device(device)
-    target = TinyDecoder(vocab=2048, dim=512, heads=8, kv_heads=4, layers=8, mix=0.25, seed=0, device=device)
-    draft = TinyDecoder(vocab=2048, dim=512, heads=8, kv_heads=4, layers=8, mix=0.25, seed=0, device=device)
-    draft.layers_used = 1  # a layer-skipping draft: the target's first layer and head
-    prompt = torch.randint(0, 2048, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
-    steps = 48
-    cap = 32 + steps + 80
-
-    def run(tree, mode="greedy"):
-        return generate(target, draft if tree else None, prompt, steps, target_cache=target.make_cache(1, cap),
-                        draft_cache=draft.make_cache(1, cap), tree=tree, mode=mode,
-                        generator=torch.Generator().manual_seed(0))
-
-    run(None)  # warm-up
-    plain = run(None)
-    accept = measure_acceptance(target, draft, prompt.repeat(4, 1), lambda b: target.make_cache(b, 64), 4,
-                                greedy=True)
-    shape = sequoia_tree(accept, 16, 6)
-    rows = [f"{'plain decoding':<26} {1.0:>10.2f} {plain.tokens_per_second:>10.1f} {1.0:>8.2f}x {'-':>9}"]
-    for name, tree in (("chain of 4 (greedy)", [-1, 0, 1, 2]), (f"Sequoia tree {shape.size} (greedy)", shape)):
-        res = run(tree)
-        same = "yes" if res.tokens == plain.tokens else "NO"
-        rows.append(f"{name:<26} {res.mean_accepted:>10.2f} {res.tokens_per_second:>10.1f} "
-                    f"{res.tokens_per_second / plain.tokens_per_second:>8.2f}x {same:>9}")
-    return rows

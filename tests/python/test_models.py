@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import effx.spec
 from common import rel_error
 from effx import kv, models
 
@@ -341,6 +342,42 @@ def test_tree_speculation_equals_greedy(tiny):
         models.early_exit_draft(tiny, 0)
 
 
+def test_plan_tree(tiny):
+    prompts = prompts_of([24, 24], seed=9)
+    plain = models.generate(tiny, prompts, max_new_tokens=10)
+    # A draft of all the model's layers guesses every token: p = [1, 0, ...], so the best tree
+    # of any size and depth is a chain, worth its length + 1 tokens per step (which length
+    # wins depends on this machine's timings).
+    same = models.early_exit_draft(tiny, 2)
+    tree = models.plan_tree(tiny, same, prompts, max_nodes=6, max_depth=3, min_nodes=1, repeats=1)
+    assert 1 <= tree.size <= 3 and tree.parents == list(range(-1, tree.size - 1))
+    assert tree.expected_tokens == tree.size + 1 and 0 < tree.time_per_token < float("inf")
+    cheap = models.early_exit_draft(tiny, 1)
+    for min_nodes in (0, 1):
+        t = models.plan_tree(tiny, cheap, prompts, max_nodes=8, max_depth=4, min_nodes=min_nodes, repeats=1)
+        if t.parents:
+            effx.spec.check_parents(t.parents)
+        assert min_nodes <= t.size <= 8 and t.depth <= 4
+        assert 1.0 <= t.expected_tokens <= 1.0 + t.size
+    costs = models.measure_tree_costs(tiny, cheap, prompts, max_nodes=8, repeats=1)
+    assert sorted(costs.target_time) == [1, 2, 4, 8, 9] and sorted(costs.draft_time) == [1, 2, 4, 8]
+    assert costs.accept.shape == (8,) and 0 <= costs.accept.sum() <= 1
+    assert costs.choose(8, 4).time_per_token <= costs.choose(8, 4, min_nodes=1).time_per_token
+    for draft in (same, cheap):
+        auto = models.generate(tiny, prompts, max_new_tokens=10, draft=draft, tree="auto")
+        assert auto.tokens == plain.tokens and auto.prefill_seconds > 0 and auto.tree is not None
+    with pytest.raises(ValueError, match=r"plan_tree: min_nodes must be an int in \[0, max_nodes = 4\], got 5"):
+        models.plan_tree(tiny, cheap, prompts, max_nodes=4, min_nodes=5)
+    with pytest.raises(ValueError, match=r"plan_tree: the prompts must have equal lengths"):
+        models.plan_tree(tiny, cheap, [[1, 2, 3], [4, 5]])
+    with pytest.raises(ValueError, match=r"plan_tree: the prompts must have at least 2 tokens, got 1"):
+        models.plan_tree(tiny, cheap, [[1]])
+    with pytest.raises(ValueError, match=r"plan_tree: repeats must be an int >= 1, got 0"):
+        models.plan_tree(tiny, cheap, prompts, repeats=0)
+    with pytest.raises(ValueError, match=r"generate: tree must be a parent array, an effx.spec.SequoiaTree or 'auto'"):
+        models.generate(tiny, prompts, draft=cheap, tree="best")
+
+
 def test_sparse_mlp_and_streamed_weights_plug_in(tiny):
     from effx.offload import Policy
 
@@ -527,7 +564,9 @@ def test_cli_generate_random_model_h2o():
 
 
 @pytest.mark.parametrize("flags,says", [(["--sparsity", "0.5"], "# sparse MLP: density 0.50"),
-                                        (["--spec-draft", "first:1"], "decode"),
+                                        (["--spec-draft", "first:1"], "tokens per target step"),
+                                        (["--spec-draft", "first:1", "--tree", "chain:2"],
+                                         "a tree of 2 tokens per step"),
                                         (["--offload", "0,50"], "decode")])
 def test_cli_methods(flags, says):
     out = effx_cli("generate", "--model", "random", "--prompt", "hello there", "--max-new-tokens", "4", *flags)
@@ -537,7 +576,10 @@ def test_cli_methods(flags, says):
 
 @pytest.mark.parametrize("flags,error", [(["--sparsity", "1.5"], "--sparsity must be in [0, 1), got 1.5"),
                                          (["--offload", "cpu"], "--offload takes GPU,CPU weight percentages"),
-                                         (["--offload", "80,40"], "effx.offload")])
+                                         (["--offload", "80,40"], "effx.offload"),
+                                         (["--tree", "auto"], "--tree applies to --spec-draft"),
+                                         (["--spec-draft", "first:1", "--tree", "chain:0"],
+                                          "--tree takes auto or chain:N (N >= 1), got 'chain:0'")])
 def test_cli_bad_method_flags(flags, error):
     out = effx_cli("generate", "--model", "random", "--prompt", "x", *flags)
     assert out.returncode == 2 and error in out.stderr

@@ -360,8 +360,14 @@ def test_choose_tree_minimizes_time_per_token():
     assert math.isclose(tree_value(best.parents, p), best.expected_tokens, rel_tol=1e-12)
     slow_target = spec.choose_tree(p, 0.001, lambda n: 1.0, 64, 8)  # free tokens: the biggest tree
     assert slow_target.size == 64
+    # Size 0 is plain decoding: the answer when every draft step costs more than it saves.
+    none = spec.choose_tree(p, 10.0, target, 64, 8, sizes=range(0, 65))
+    assert none.parents == [] and none.depth == 0 and none.expected_tokens == 1.0 and none.time_per_token == 1.0
+    assert spec.choose_tree(p, 0.05, target, 64, 8, sizes=range(0, 65)).parents == best.parents
     with pytest.raises(ValueError, match=r"effx\.spec\.choose_tree: accept_probs must be probabilities"):
         spec.choose_tree([0.8, 0.5], 0.1, target, 8, 2)
+    with pytest.raises(ValueError, match=r"effx\.spec\.choose_tree: sizes must be in \[0, 8\], got 9"):
+        spec.choose_tree(p, 0.1, target, 8, 2, sizes=[9])
 
 
 # --- SpecExec trees ------------------------------------------------------------------------------
@@ -489,3 +495,15 @@ def test_measure_acceptance_vector():
     x = torch.randn(500, 7)
     same = spec.acceptance_vector(x, x, 3, generator=torch.Generator().manual_seed(0))
     assert same.tolist() == [1.0, 0.0, 0.0]  # q == p accepts the first draw always
+
+
+def test_acceptance_vector_greedy_reference_and_chunked_sampling():
+    g = torch.Generator().manual_seed(4)
+    t, d = torch.randn(301, 11, generator=g), torch.randn(301, 11, generator=g)
+    ranks = d.double().argsort(-1, descending=True)
+    want = [(ranks[:, j] == t.double().argmax(-1)).double().mean().item() for j in range(5)]
+    assert spec.acceptance_vector(t, d, 5, greedy=True).tolist() == pytest.approx(want, abs=1e-12)
+    # A vocabulary big enough that the sampled rows go through in several chunks of positions.
+    x = torch.randn(300, 65536, generator=g)
+    same = spec.acceptance_vector(x, x, 3, generator=torch.Generator().manual_seed(0))
+    assert same.tolist() == [1.0, 0.0, 0.0]

@@ -8,7 +8,8 @@ no stop token). Methods are configured as in ``effx demo``: dense, KIVI-2/4 and 
 caches, DejaVu sparse MLP at density 0.5 (predictors trained on two random calibration
 prompts), weights streamed by the offload engine (half host, half disk), the KV cache
 offloaded the same way (``kv-offload``: half the layers in the host pool, half on disk) and
-tree speculation (a chain of 4 per step drafted by the model's first layer).
+tree speculation (drafted by the model's first layer; the tree of at least one token that
+:func:`effx.models.plan_tree` picks at each shape).
 
 Per (method, batch B, context ctx) one record, the median of ``rounds`` interleaved runs: its
 time is decode seconds per generated token (all rows), so tokens/s = 1 / time_s; the shape
@@ -17,7 +18,7 @@ included for speculation) and the peak memory of the whole generate call (``peak
 measured as ``peak_of`` says, see :class:`effx.bench.harness.PeakMemory`). The baseline is
 the dense cache at the same shape: speed-up = tokens/s over dense's. Decode time excludes the
 prefill for every method, speculation included (its prompt passes through target and draft
-are timed apart).
+are timed apart; the planning before is not timed).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from effx import models, spec
 from effx.bench.harness import PeakMemory, Record, measure_roofs
 from effx.offload import Policy
 
-CHAIN = [-1, 0, 1, 2]  # the runner's default speculation tree: a chain of 4
+CHAIN = [-1, 0, 1, 2]  # the runner's default speculation tree: a chain of 4 (the warm-up runs)
 
 
 def grid(device: torch.device, quick: bool) -> tuple[tuple[int, ...], tuple[int, ...], int, int]:
@@ -53,38 +54,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def speculate(model: models.CausalLM, draft: models.CausalLM, ids: torch.Tensor, new: int) -> dict:
+def speculate(model: models.CausalLM, draft: models.CausalLM, ids: torch.Tensor, new: int,
+              tree: spec.SequoiaTree | list[int]) -> dict:
     """Greedy tree speculation through :func:`effx.spec.generate` (as ``generate(draft=)``
-    runs it) with the first call of target and draft, the prompt's prefill, timed apart."""
+    runs it); the prompt's pass through target and draft is timed apart as the prefill."""
     b, t = ids.shape
-    room = (len(CHAIN) + 1) * (new + 1)
+    room = (len(tree.parents if isinstance(tree, spec.SequoiaTree) else tree) + 1) * (new + 1)
     cache = models.make_cache(model, "dense", b, t + room, prompt_len=t)
     draft_cache = draft.new_cache(b, t + room)
-    prefill = [0.0]
 
     def through(m: models.CausalLM) -> Callable:
-        calls = [0]
-
-        def call(tokens, c, positions, parents=None, lengths=None):
-            calls[0] += 1
-            start = time.perf_counter()
-            out = m(tokens, cache=c, positions=positions, parents=parents, lengths=lengths)
-            if calls[0] == 1:
-                _sync(model.device)
-                prefill[0] += time.perf_counter() - start
-            return out
-        return call
+        return lambda tokens, c, positions, parents=None, lengths=None: m(
+            tokens, cache=c, positions=positions, parents=parents, lengths=lengths)
 
     gen = spec.generate(through(model), through(draft), ids.to(model.device), new, target_cache=cache,
-                        draft_cache=draft_cache, tree=CHAIN)
-    decode = gen.seconds - prefill[0]
-    return dict(tokens_per_s=b * new / decode, prefill_s=prefill[0],
+                        draft_cache=draft_cache, tree=tree)
+    return dict(tokens_per_s=b * new / gen.seconds, prefill_s=gen.prefill_seconds,
                 kv_bytes=cache.nbytes() + draft_cache.nbytes(), accepted=round(gen.mean_accepted, 2))
 
 
 def _methods(model: models.CausalLM, streamed: models.StreamedWeights, sparse: models.SparseMLPs,
-             draft: models.CausalLM) -> dict[str, Callable[[torch.Tensor, int], dict]]:
-    """Method name -> run(prompt ids [B, ctx], new tokens) -> measurements."""
+             draft: models.CausalLM, trees: dict) -> dict[str, Callable[[torch.Tensor, int], dict]]:
+    """Method name -> run(prompt ids [B, ctx], new tokens) -> measurements; ``trees`` maps a
+    prompt shape to its planned speculation tree (a chain of 4 for shapes not planned)."""
     def plain(**method) -> Callable[[torch.Tensor, int], dict]:
         def run(ids: torch.Tensor, new: int) -> dict:
             res = models.generate(model, ids, max_new_tokens=new, **method)
@@ -100,7 +92,7 @@ def _methods(model: models.CausalLM, streamed: models.StreamedWeights, sparse: m
         "sparse-50%": plain(cache="dense", mlp=sparse.modules),
         "offload": plain(cache="dense", weights=streamed),
         "kv-offload": plain(cache="offload", cache_options=dict(cache_gpu=0, cache_cpu=50)),
-        "tree-spec": lambda ids, new: speculate(model, draft, ids, new),
+        "tree-spec": lambda ids, new: speculate(model, draft, ids, new, trees.get(tuple(ids.shape), CHAIN)),
     }
 
 
@@ -127,12 +119,16 @@ def run(device: torch.device, quick: bool = False, *, model_dir: str | None = No
     dtype = str(model.dtype).replace("torch.", "")
     records = []
     with models.StreamedWeights(model, Policy(weights_gpu=0, weights_cpu=50)) as streamed:
-        methods = _methods(model, streamed, sparse, draft)
+        trees: dict[tuple[int, int], spec.SequoiaTree] = {}
+        methods = _methods(model, streamed, sparse, draft, trees)
         for method in methods.values():  # warm-up: thread pools, first calls, the disk tier's page cache
             method(torch.randint(0, vocab, (1, 8), generator=g), 2)
         for b in batches:
             for ctx in contexts:
                 ids = torch.randint(0, vocab, (b, ctx), generator=g)
+                # Sequoia's planner at this shape, held to a tree of at least one token (plain
+                # decoding is the dense row).
+                tree = trees[(b, ctx)] = models.plan_tree(model, draft, ids, max_nodes=32, min_nodes=1, repeats=2)
                 runs: dict[str, list[tuple[dict, int | None, str | None]]] = {name: [] for name in methods}
                 for _ in range(rounds):
                     for name, method in methods.items():
@@ -148,6 +144,7 @@ def run(device: torch.device, quick: bool = False, *, model_dir: str | None = No
                                  kv_bytes=got["kv_bytes"], peak_bytes=peak, peak_of=source, model=model.name)
                     if "accepted" in got:
                         shape["accepted/step"] = got["accepted"]
+                        shape["tree"] = f"{tree.size} nodes, depth {tree.depth}, {tree.expected_tokens:.2f} expected"
                     records.append(Record("e2e", name, shape, dtype, roofs.device, time_s, 0.0, 0.0, "dense",
                                           dense_time, roofs))
     return records

@@ -228,8 +228,9 @@ def _e2e_section(records: list[dict]) -> list[str]:
                   _pivot(mine, lambda r: _mib(r["shape"].get("kv_bytes"))), ""]
         accepted = [r for r in mine if "accepted/step" in r["shape"]]
         if accepted:
-            lines += ["Tokens per target step of tree speculation: " + ", ".join(
-                f"B={r['shape']['B']} ctx={r['shape']['ctx']}: {r['shape']['accepted/step']}" for r in accepted), ""]
+            lines += ["Tokens per target step of tree speculation (and the tree planned at the shape): " + ", ".join(
+                f"B={r['shape']['B']} ctx={r['shape']['ctx']}: {r['shape']['accepted/step']}"
+                + (f" ({r['shape']['tree']})" if "tree" in r["shape"] else "") for r in accepted), ""]
     lines += ["Peak memory on a CPU is the growth of the whole process's peak resident set during the call "
               "(VmHWM, reset before it): every allocation counts (activations, caches, allocator slack, pages "
               "read from disk), and memory the allocator already held from earlier calls does not. On CUDA it "

@@ -15,8 +15,10 @@ from effx.models.generate import (CACHE_POLICIES, GenerationResult, generate,
 from effx.models.llama import CausalLM, LayerWeights
 from effx.models.loading import ByteTokenizer, HFTokenizer, from_pretrained, load_tokenizer, random_model
 from effx.models.methods import SparseMLPs, StreamedWeights, early_exit_draft, sparse_mlps
+from effx.models.speculation import TreeCosts, measure_tree_costs, plan_tree
 
 __all__ = ["ModelConfig", "SUPPORTED_ARCHITECTURES", "CausalLM", "LayerWeights", "from_pretrained", "random_model",
            "load_tokenizer", "HFTokenizer", "ByteTokenizer", "generate", "GenerationResult", "make_cache",
            "teacher_forced_logits", "CACHE_POLICIES", "sparse_mlps", "SparseMLPs",
-           "StreamedWeights", "early_exit_draft"]
+           "StreamedWeights", "early_exit_draft", "plan_tree",
+           "measure_tree_costs", "TreeCosts"]

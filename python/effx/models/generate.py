@@ -76,6 +76,7 @@ class GenerationResult:
     decode_seconds: float
     cache: kv.KVCache
     accepted_per_step: float | None = None  # tree speculation: tokens emitted per target call
+    tree: list[int] | None = None  # tree speculation: the parents of the tree drafted each step
 
     @property
     def new_tokens(self) -> int:
@@ -83,9 +84,10 @@ class GenerationResult:
 
     @property
     def decode_tokens_per_second(self) -> float:
-        """Tokens produced by decode steps (all rows; each row's first token comes from the
-        prefill) per second of decoding."""
-        decoded = self.new_tokens - sum(1 for t in self.tokens if t)
+        """Tokens produced by decode steps (all rows) per second of decoding. Plain decoding takes
+        each row's first token from the prefill; speculation leaves the prompt's last token to
+        root the first tree, so all its tokens come from decode steps."""
+        decoded = self.new_tokens - (0 if self.tree is not None else sum(1 for t in self.tokens if t))
         return decoded / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
     @property
@@ -167,7 +169,7 @@ def generate(model: CausalLM, prompts, *, max_new_tokens: int = 32, cache: str |
              attention_mask: torch.Tensor | None = None,
              mlp: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
              weights: LayerWeights | None = None, draft: CausalLM | None = None,
-             tree: Sequence[int] | None = None, progress: bool = False) -> GenerationResult:
+             tree: Sequence[int] | str | None = None, progress: bool = False) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens for each prompt.
 
     prompts: a list of token-id lists (any lengths), or a [B, T] tensor with an optional
@@ -180,8 +182,11 @@ def generate(model: CausalLM, prompts, *, max_new_tokens: int = 32, cache: str |
         layer weights with ``layer(j)``).
     draft: a draft model for tree speculative decoding (:func:`effx.spec.generate`): each step
         it proposes ``tree`` (a parent array or :class:`effx.spec.SequoiaTree`; default a chain
-        of 4) and the target verifies it in one forward pass; greedy output equals plain greedy
-        decoding, sampling keeps the target's distribution. Prompts must have equal lengths.
+        of 4; ``"auto"``: the tree :func:`effx.models.plan_tree` picks for these prompts and
+        this machine, measured before generation starts, through a dense cache unless
+        ``cache`` names a policy) and the target verifies it in one forward pass; greedy output
+        equals plain greedy decoding, sampling keeps the target's distribution. Prompts must
+        have equal lengths; ``prefill_seconds`` is the prompt's pass through both models.
     progress: a tqdm bar over the decode steps.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -228,6 +233,12 @@ def _speculative(model, draft, prompts, max_new_tokens, cache, cache_options, te
                  generator, tree, mlp, weights) -> GenerationResult:
     from effx import spec
 
+    if isinstance(tree, str):
+        if tree != "auto":
+            _fail(f"tree must be a parent array, an effx.spec.SequoiaTree or 'auto', got {tree!r}")
+        from effx.models.speculation import plan_tree  # here: speculation imports this module
+        tree = plan_tree(model, draft, prompts, temperature=temperature, top_p=top_p,
+                         cache=cache if isinstance(cache, str) else "dense", cache_options=cache_options)
     shape = list(tree.parents if isinstance(tree, spec.SequoiaTree) else (tree or [-1, 0, 1, 2]))
     # The loop runs until the slowest row has max_new_tokens: a faster row may gain a whole
     # path (up to the tree size + 1) every step, and each step attends over a tree.
@@ -242,12 +253,10 @@ def _speculative(model, draft, prompts, max_new_tokens, cache, cache_options, te
         return call
 
     draft_cache = draft.new_cache(len(lengths), lengths[0] + room)
-    start = time.perf_counter()
     gen = spec.generate(through(model, mlp=mlp, weights=weights), through(draft), ids.to(model.device),
                         max_new_tokens, target_cache=cache, draft_cache=draft_cache, tree=shape,
                         mode="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0,
                         top_p=top_p, generator=generator)
-    seconds = time.perf_counter() - start
     stop = set(stop_tokens)
     tokens, reasons = [], []
     for row in gen.tokens:
@@ -255,7 +264,8 @@ def _speculative(model, draft, prompts, max_new_tokens, cache, cache_options, te
         end = next((i for i, t in enumerate(row) if t in stop), None)
         tokens.append(row if end is None else row[:end + 1])
         reasons.append("length" if end is None else "stop")
-    return GenerationResult(tokens, reasons, lengths, 0.0, seconds, cache, gen.mean_accepted)
+    return GenerationResult(tokens, reasons, lengths, gen.prefill_seconds, gen.seconds, cache, gen.mean_accepted,
+                            shape)
 
 
 def teacher_forced_logits(model: CausalLM, prompts, forced: torch.Tensor, *, cache: str | kv.KVCache = "dense",
