@@ -65,8 +65,12 @@ AttentionCall prepare_attention(const char* op, const at::Tensor& q_in, const at
   EFFX_CHECK(q_in.dim() == 4, op, "q must be 4-D [batch, q_heads, tokens, head_dim], got shape ",
              q_in.sizes());
   EFFX_CHECK(window >= 0, op, "window must be >= 0 (0: no sliding window), got ", window);
-  EFFX_CHECK(window == 0 || (causal && !parents), op,
-             "a sliding window needs causal attention without a token tree (causal=True, parents=None)");
+  EFFX_CHECK(window == 0 || causal, op, "a sliding window needs causal attention (causal=True)");
+  // A tree no deeper than the window never hides one of its nodes from another: the kernels
+  // apply the window to cached tokens only, at each node's depth.
+  EFFX_CHECK(window == 0 || !parents || q_in.size(2) <= window, op,
+             "a token tree with a sliding window must have at most window (", window, ") tokens, got ",
+             q_in.size(2));
   EFFX_CHECK(q_in.numel() > 0, op, "q must be non-empty, got shape ", q_in.sizes());
   AttentionCall c;
   c.dtype = float_dtype(q_in, op, "q");

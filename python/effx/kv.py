@@ -74,10 +74,11 @@ class KVCache(abc.ABC):
         tokens a tree: each attends to its ancestors and itself; they are stored only when
         :meth:`commit_tree` names the accepted ones. ``window`` (tokens, optional) is a
         sliding window: the query at position p sees only positions > p - window (Mistral,
-        Qwen2, Hugging Face "sliding_attention" layers); policies that keep every token at its
-        position (DenseCache, KIVICache, OffloadedCache) implement it, H2OCache raises once it
-        would hide a token, and so do token trees. ``return_lse`` also returns the log-sum-exp
-        [B, Hq, Tn] (fp32) of the scaled scores.
+        Qwen2, Hugging Face "sliding_attention" layers; a tree node's position is the cached
+        length plus its depth); policies that keep every token at its position (DenseCache,
+        KIVICache, OffloadedCache) implement it, H2OCache raises once it would hide a token,
+        and a token tree must be no longer than the window. ``return_lse`` also returns the
+        log-sum-exp [B, Hq, Tn] (fp32) of the scaled scores.
         """
         name = f"{type(self).__name__}.attend"
         self._check_layer(name, layer)
@@ -101,7 +102,7 @@ class KVCache(abc.ABC):
             out, lse = self._attend_and_store(layer, q, k_new, v_new, new_lengths, added, window)
             self._host_lengths[layer] += added
         else:
-            out, lse = self._attention(layer, q, k_new, v_new, new_lengths, tree, 0)
+            out, lse = self._attention(layer, q, k_new, v_new, new_lengths, tree, window)
             self._pending[layer] = (q, k_new, v_new)
         return (out, lse) if return_lse else out
 
@@ -232,9 +233,8 @@ class KVCache(abc.ABC):
         if not self._windowed:
             _fail(name, f"position {last} is past the sliding window ({window}) and {type(self).__name__} does not "
                         f"implement sliding-window attention (DenseCache, KIVICache and OffloadedCache do)")
-        if tree:
-            _fail(name, f"position {last} is past the sliding window ({window}): a token tree with a sliding window "
-                        f"is not implemented")
+        if tree and tn > window:
+            _fail(name, f"a token tree with a sliding window must have at most window ({window}) tokens, got {tn}")
         return window
 
     def _check_layer(self, name: str, layer: int) -> None:

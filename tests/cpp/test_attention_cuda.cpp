@@ -2,7 +2,7 @@
 // dense and H2O (with scores), KIVI over the same quantized storage at 2 and 4 bits, and the
 // KIVI append against the CPU append. Decode rows with GQA groups 1, 4 and 8, causal chunks,
 // token trees, ragged rows with padded new tokens, contexts long enough to split across
-// blocks, sliding windows, the LSE output, every storage dtype, head dims 64 and 128 and one that is no
+// blocks, sliding windows (over trees too), the LSE output, every storage dtype, head dims 64 and 128 and one that is no
 // multiple of 8: so the decode path, the tensor-core path and the fp32 engine all run. Runs on a GPU, or on the SIMT emulator (test_attention_simt); exits 77
 // (ctest: skipped) when neither is there.
 #include <algorithm>
@@ -351,12 +351,17 @@ void all_cases(DType dtype) {
     dense<T>(dtype, s, true);
   }
   // Sliding windows: decode split across blocks, narrower than a causal chunk, a chunk over
-  // several row blocks, the fp32 engine's head dim, the tensor-core path's prefill chunk.
+  // several row blocks, the fp32 engine's head dim, the tensor-core path's prefill chunk;
+  // token trees (a node at depth d sits at position n + d) as long as their window, where
+  // depth and index disagree, on each path.
   for (const Shape& s : {Shape{2, 2, 8, 128, 1200, 1, {1100, 37}, false, false, 300},
                          Shape{2, 2, 8, 128, 400, 5, {300, 90}, false, true, 3},
                          Shape{2, 4, 4, 64, 600, 33, {520, 100}, false, true, 50},
                          Shape{2, 2, 8, 40, 200, 3, {150, 7}, false, false, 20},
-                         Shape{1, 2, 8, 128, 500, 40, {450}, false, false, 64}}) {
+                         Shape{1, 2, 8, 128, 500, 40, {450}, false, false, 64},
+                         Shape{1, 2, 8, 64, 800, 13, {700}, true, false, 13},
+                         Shape{1, 2, 8, 128, 500, 40, {450}, true, false, 40},
+                         Shape{2, 2, 8, 40, 200, 7, {150, 7}, true, false, 9}}) {
     dense<T>(dtype, s, false);
   }
   for (const Shape& s : {Shape{2, 2, 8, 128, 1280, 1, {1100, 129}, false, false},
@@ -365,7 +370,8 @@ void all_cases(DType dtype) {
                          Shape{1, 2, 4, 64, 640, 4, {600}, false, true}, Shape{1, 1, 8, 64, 320, 9, {200}, true, false},
                          // sliding windows: decode on the codes, a chunk through the engine
                          Shape{2, 2, 8, 128, 1280, 1, {1100, 129}, false, false, 300},
-                         Shape{1, 2, 4, 64, 640, 4, {600}, false, true, 50}}) {
+                         Shape{1, 2, 4, 64, 640, 4, {600}, false, true, 50},
+                         Shape{1, 1, 8, 64, 320, 9, {200}, true, false, 9}}) {
     kivi<T>(dtype, s, 2);
     kivi<T>(dtype, s, 4);
   }

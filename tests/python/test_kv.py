@@ -208,6 +208,50 @@ def test_kivi_sliding_window(device, isa, bits, dtype, monkeypatch):
     assert worst < KIVI_TOL[dtype]
 
 
+@pytest.mark.parametrize("device,isa", [("cpu", "avx512bf16")] + BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("policy", ["dense", "kivi2"])
+def test_tree_sliding_window(device, isa, dtype, policy, monkeypatch):
+    """A token tree past the window: a node at depth d sits at position n + d, so it sees the
+    cached tokens after n + d - window (the nodes of one tree are no farther apart than the
+    window); trees of 21 nodes (GEMM-sized units on the CPU) under windows of 100 and of 21,
+    where depth and index would disagree, each committed and followed by a windowed decode."""
+    monkeypatch.setenv("EFFX_CPU_ISA", isa)
+    torch.manual_seed(16)
+    b, h, hq, d = 2, 2, 8, 64
+    if policy == "dense":
+        cache, opts, tol = kv.DenseCache(1, b, h, d, 600, dtype=dtype, device=device), None, TOL[dtype]
+    else:
+        cache, opts = kivi_cache(b, h, d, 600, bits=2, group_size=32, residual=64, dtype=dtype, device=device)
+        tol = KIVI_TOL[dtype]
+    run = Runner(cache, b, h, hq, d, dtype, device, kivi=opts)
+    worst = run.step(300, lengths=[300, 211], window=100)
+    parents = [-1, 0, 0, 1, 2, -1, 5] * 3
+    parents = [p if p < 0 or i < 7 else p + 7 * (i // 7) for i, p in enumerate(parents)]
+    parents[7], parents[14] = 4, 10  # depths up to 6
+    tn = len(parents)
+    for window, paths in ((100, [[0, 1, 3], [5, 6]]), (21, [[0, 2, 4, 7, 8], []])):
+        q = randn(b, hq, tn, d, dtype=dtype, device=device)
+        k = randn(b, h, tn, d, dtype=dtype, device=device)
+        v = randn(b, h, tn, d, dtype=dtype, device=device)
+        out = cache.attend(0, q, k, v, parents=parents, window=window)
+        for row in range(b):
+            kk, vv = run.rows[row].kv()
+            ref, _ = attention_ref(q[row].cpu(), torch.cat([kk, k[row].cpu().double()], 1),
+                                   torch.cat([vv, v[row].cpu().double()], 1), kk.shape[1], cache.sm_scale,
+                                   parents=parents, window=window)
+            worst = max(worst, rel_error(out[row], ref))
+        cache.commit_tree(paths)
+        for row, path in enumerate(paths):
+            if path:
+                run.rows[row].append(k[row, :, path].cpu(), v[row, :, path].cpu())
+        worst = max(worst, run.step(1, window=window))
+    assert worst < tol
+    with pytest.raises(ValueError, match=r"attend: a token tree with a sliding window must have at most window "
+                                         r"\(20\) tokens, got 21"):
+        cache.attend(0, q, k, v, parents=parents, window=20)
+
+
 def check_state(cache, run, layer=0):
     state = cache.quantized_lengths(layer)
     for b, row in enumerate(run.rows):
@@ -437,8 +481,9 @@ def test_bad_attend_inputs(make):
             cache.attend(0, q, k, v, window=window)
     # A window that hides nothing yet is no window: every policy takes it.
     cache.attend(0, torch.randn(2, 4, 15, 32), torch.randn(2, 2, 15, 32), torch.randn(2, 2, 15, 32), window=15)
-    with pytest.raises(ValueError, match=rf"{name}\.attend: position 15 is past the sliding window \(8\)"):
-        cache.attend(0, q[:, :, :1], k[:, :, :1], v[:, :, :1], parents=[-1], window=8)
+    with pytest.raises(ValueError, match=rf"{name}\.attend: a token tree with a sliding window must have at most "
+                                         r"window \(2\) tokens, got 3"):
+        cache.attend(0, q, k, v, parents=[-1, 0, 0], window=2)
     with pytest.raises(ValueError, match=rf"{name}\.attend: capacity exceeded in row 0: 15 cached \+ 3 new > "
                                          r"capacity 16"):
         cache.attend(0, q, k, v)
@@ -473,10 +518,11 @@ def test_bad_op_inputs():
     with pytest.raises(RuntimeError, match=r"effx\.dense_attention: window must be >= 0 \(0: no sliding window\), "
                                            r"got -1"):
         torch.ops.effx.dense_attention(q, k, k, *cached, None, None, True, 1.0, -1)
-    for parents, causal in ((torch.tensor([-1, 0]), True), (None, False)):
-        with pytest.raises(RuntimeError, match=r"effx\.dense_attention: a sliding window needs causal attention "
-                                               r"without a token tree"):
-            torch.ops.effx.dense_attention(q, k, k, *cached, None, parents, causal, 1.0, 4)
+    with pytest.raises(RuntimeError, match=r"effx\.dense_attention: a sliding window needs causal attention"):
+        torch.ops.effx.dense_attention(q, k, k, *cached, None, None, False, 1.0, 4)
+    with pytest.raises(RuntimeError, match=r"effx\.dense_attention: a token tree with a sliding window must have at "
+                                           r"most window \(1\) tokens, got 2"):
+        torch.ops.effx.dense_attention(q, k, k, *cached, None, torch.tensor([-1, 0]), True, 1.0, 1)
 
 
 @pytest.mark.parametrize("device", ALL_DEVICES)

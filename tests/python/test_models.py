@@ -431,6 +431,13 @@ def test_sliding_window_matches_transformers(tmp_path):
     kivi = kv.KIVICache(config["num_hidden_layers"], 2, 2, 48, 64, bits=4, group_size=16, residual=16,
                         dtype=torch.float32)
     assert rel_error(model(ids, cache=kivi), want) < 0.1
+    # Tree speculation past the window (tree nodes at the depth positions the window is
+    # measured from): greedy output equals plain greedy decoding.
+    prompts = ids[:, :24].tolist()
+    plain = models.generate(model, prompts, max_new_tokens=12)
+    for tree in ([-1, 0, 1, 2], [-1, -1, 0, 0, 1, 3]):
+        spec = models.generate(model, prompts, max_new_tokens=12, draft=models.early_exit_draft(model, 1), tree=tree)
+        assert spec.tokens == plain.tokens
     # H2O moves tokens off their positions: it refuses once the window hides one.
     h2o = kv.H2OCache(config["num_hidden_layers"], 1, 2, 48, 64, heavy=8, recent=8, dtype=torch.float32)
     model(ids[:1, :16], cache=h2o)

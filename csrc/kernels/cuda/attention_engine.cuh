@@ -92,7 +92,7 @@ inline AttentionPlan plan_attention(const AttentionArgs& a) {
   const long long mask_words = a.parents ? (a.q_len + 31) / 32 : 0;
   p.smem_bytes = sizeof(float) * (kRows * a.head_dim + a.head_dim * (kTile + 1) + kTile * a.head_dim +
                                    kRows * kTile + 3 * kRows) +
-                 sizeof(uint32_t) * kRows * mask_words;
+                 sizeof(uint32_t) * kRows * (mask_words + 1);
   // Enough for the fast paths too, which the caller cannot tell apart.
   const long long slots = static_cast<long long>(sms) * kMaxResident;
   const size_t engine = partial_bytes(a, p.splits),
@@ -131,6 +131,7 @@ __global__ void __launch_bounds__(kThreads)
   float* alpha_s = l_s + kRows;
   uint32_t* anc_s = reinterpret_cast<uint32_t*>(alpha_s + kRows);
   const int mask_words = a.parents ? static_cast<int>((a.q_len + 31) / 32) : 0;
+  int* depth_s = reinterpret_cast<int*>(anc_s + kRows * mask_words);  // tree rows: position n + depth
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int split = blockIdx.x;
@@ -164,18 +165,22 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t* par = a.parents + b * a.parents_sb;
         const long long i = row_query(tid);
         // parents[j] < j is checked by the caller; the step bound keeps a bad tree from hanging.
-        for (long long j = i, steps = 0; j >= 0 && j < tn && steps <= i; j = par[j], ++steps) {
+        long long steps = 0;
+        for (long long j = i; j >= 0 && j < tn && steps <= i; j = par[j], ++steps) {
           bits[j / 32] |= 1u << (j % 32);
         }
+        depth_s[tid] = static_cast<int>(steps - 1);
       }
     }
   }
+  // A tree no deeper than the window (checked by the op) hides only cached tokens.
+  auto position = [&](int r) { return n + (a.parents ? depth_s[r] : row_query(r)); };
   // New tokens seen by the block's last valid row.
   long long last_query = -1;
   for (int r = 0; r < kRows; ++r) last_query = row_valid(r) ? row_query(r) : last_query;
   const long long new_seen = last_query < 0 ? 0 : ((a.causal || a.parents) ? last_query + 1 : tn);
   const long long total = last_query < 0 ? 0 : n + new_seen;
-  const long long begin = window_begin(a, n + row_query(0), kTile) + split * tokens_per_split;
+  const long long begin = window_begin(a, a.parents ? n : n + row_query(0), kTile) + split * tokens_per_split;
   const long long end = begin + tokens_per_split < total ? begin + tokens_per_split : total;
 
   float acc[kAccPerThread];
@@ -202,7 +207,7 @@ __global__ void __launch_bounds__(kThreads)
       const long long t = t0 + j;
       float score = -INFINITY;
       if (t < t1 && row_valid(r)) {
-        bool visible = t >= window_first(a, n + row_query(r));
+        bool visible = t >= window_first(a, position(r));
         if (visible && t >= n) {
           const long long jn = t - n;
           visible = a.parents ? ((anc_s[r * mask_words + jn / 32] >> (jn % 32)) & 1u)

@@ -44,8 +44,8 @@ struct Layout {
   static constexpr size_t p = align(s + 4 * kRows * lds);
   static constexpr size_t o = align(p + 2 * kRows * ldp);
   static constexpr size_t stats = align(o + 4 * kRows * ldo);  // m, l per row
-  static constexpr size_t tree = align(stats + 4 * 2 * kRows);
-  static constexpr size_t bytes(int mask_words) { return tree + 4 * kRows * mask_words; }
+  static constexpr size_t tree = align(stats + 4 * 2 * kRows);  // a depth, then the ancestor mask, per row
+  static constexpr size_t bytes(int mask_words) { return tree + 4 * kRows * (1 + mask_words); }
 };
 
 struct Plan {
@@ -102,7 +102,8 @@ __global__ void __launch_bounds__(kThreads)
   float* o_s = reinterpret_cast<float*>(smem + L::o);
   float* m_s = reinterpret_cast<float*>(smem + L::stats);
   float* l_s = m_s + kRows;
-  uint32_t* anc_s = reinterpret_cast<uint32_t*>(smem + L::tree);
+  int* depth_s = reinterpret_cast<int*>(smem + L::tree);
+  uint32_t* anc_s = reinterpret_cast<uint32_t*>(depth_s + kRows);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int split = blockIdx.x;
@@ -140,17 +141,21 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t* par = a.parents + b * a.parents_sb;
       const long long i = row_query(tid);
       // parents[j] < j is checked by the caller; the step bound keeps a bad tree from hanging.
-      for (long long j = i, steps = 0; j >= 0 && j < tn && steps <= i; j = par[j], ++steps) {
+      long long steps = 0;
+      for (long long j = i; j >= 0 && j < tn && steps <= i; j = par[j], ++steps) {
         bits[j / 32] |= 1u << (j % 32);
       }
+      depth_s[tid] = static_cast<int>(steps - 1);
     }
   }
+  // A tree no deeper than the window (checked by the op) hides only cached tokens.
+  auto position = [&](long long r) { return n + (a.parents ? depth_s[r] : row_query(r)); };
   // New tokens seen by the block's last valid row bound the token range.
   long long last_query = -1;
   for (int r = kRows - 1; r >= 0 && last_query < 0; --r) last_query = row_valid(r) ? row_query(r) : -1;
   const long long new_seen = last_query < 0 ? 0 : ((a.causal || a.parents) ? last_query + 1 : tn);
   const long long total = last_query < 0 ? 0 : n + new_seen;
-  const long long begin = window_begin(a, n + row_query(0), kTile) + split * tokens_per_split;
+  const long long begin = window_begin(a, a.parents ? n : n + row_query(0), kTile) + split * tokens_per_split;
   const long long end = begin + tokens_per_split < total ? begin + tokens_per_split : total;
   __syncthreads();
 
@@ -197,12 +202,12 @@ __global__ void __launch_bounds__(kThreads)
     {
       const int rr = warp * 16 + lane / 2, half = lane % 2;
       const bool valid = row_valid(rr);
-      const long long i = row_query(rr);
+      const long long i = row_query(rr), first = valid ? window_first(a, position(rr)) : 0;
       float* srow = s_s + rr * L::lds + half * 32;
       float mx = -INFINITY;
       for (int j = 0; j < 32; ++j) {
         const long long t = t0 + half * 32 + j;
-        bool visible = valid && t < t1 && t >= window_first(a, n + i);
+        bool visible = valid && t < t1 && t >= first;
         if (visible && t >= n) {
           const long long jn = t - n;
           visible = a.parents ? ((anc_s[rr * mask_words + jn / 32] >> (jn % 32)) & 1u) : (!a.causal || jn <= i);
