@@ -144,7 +144,7 @@ def run(device: torch.device, quick: bool = False, *, model_dir: str | None = No
                                  kv_bytes=got["kv_bytes"], peak_bytes=peak, peak_of=source, model=model.name)
                     if "accepted" in got:
                         shape["accepted/step"] = got["accepted"]
-                        shape["tree"] = f"{tree.size} nodes, depth {tree.depth}, {tree.expected_tokens:.2f} expected"
+                        shape["tree"] = f"{tree.size}-token tree, depth {tree.depth}, {tree.expected_tokens:.2f} expected"
                     records.append(Record("e2e", name, shape, dtype, roofs.device, time_s, 0.0, 0.0, "dense",
                                           dense_time, roofs))
     return records
