@@ -135,7 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     tree = _tree(args.tree or "auto")
     if tree is None:
-        print(f"effx generate: --tree takes auto or chain:N (N >= 1), got {args.tree!r}", file=sys.stderr)
+        print(f"effx generate: --tree takes auto, chain:N (N >= 1) or specexec[:NODES,DEPTH], got {args.tree!r}",
+              file=sys.stderr)
         return 2
     if args.kv_offload is not None and args.kv != "offload":
         print("effx generate: --kv-offload applies to --kv offload", file=sys.stderr)
@@ -207,9 +208,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"\nprefill {result.prefill_seconds:.3f} s, decode {result.decode_tokens_per_second:.1f} tokens/s "
           f"(batch {len(ids)}), KV cache {result.kv_bytes:,} bytes")
     if draft is not None:
-        print(f"tree speculation: a tree of {len(result.tree)} tokens per step"
-              + (" (planned: no tree beats plain decoding here)" if not result.tree else "")
-              + f", {result.accepted_per_step:.2f} tokens per target step")
+        drafted = (f"SpecExec trees ({args.tree})" if result.tree is None else
+                   f"a tree of {len(result.tree)} tokens per step"
+                   + (" (planned: no tree beats plain decoding here)" if not result.tree else ""))
+        print(f"tree speculation: {drafted}, {result.accepted_per_step:.2f} tokens per target step")
     if args.json:
         import effx
 
@@ -235,8 +237,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _tree(text: str) -> str | list[int] | None:
     """--tree's value as generate's ``tree`` argument, or None when malformed."""
-    if text == "auto":
-        return text
+    if text == "auto" or text.startswith("specexec"):
+        return text  # generate checks a SpecExec shape
     kind, _, n = text.partition(":")
     if kind != "chain" or not n.isdigit() or int(n) < 1:
         return None
@@ -290,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "first:N for the model's first N layers")
     g.add_argument("--tree", metavar="SHAPE", help="--spec-draft's tree: auto (default: Sequoia's planner measures "
                                                  "the draft's acceptance on the prompts and both models' costs, and "
-                                                 "picks the fastest tree, or none) or chain:N")
+                                                 "picks the fastest tree, or none), chain:N, or specexec[:NODES,DEPTH] "
+                                                 "(SpecExec's best-first tree, rebuilt each step; one prompt)")
     g.add_argument("--offload", metavar="GPU,CPU", help="serve weights through the offload engine: percent of "
                                                          "weights on the GPU and on the CPU, the rest on disk")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")

@@ -632,7 +632,9 @@ def generate(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, target
     ``mode``: "greedy" (children are the draft's top tokens; output equals greedy decoding
     with the target), "sample" (children drawn without replacement; output follows the target's
     distribution at ``temperature``/``top_p`` exactly), or "specexec" (a best-first tree of
-    ``specexec_nodes`` nodes and depth ``specexec_depth``; the target samples at every node).
+    ``specexec_nodes`` nodes and depth ``specexec_depth``; the target samples at every node;
+    at ``temperature`` 0 the tree is ranked by the draft's plain softmax and verified greedily,
+    so the output equals greedy decoding).
     ``prompt`` [B, T0] (T0 >= 1); caches must hold prompt + max_new_tokens + the tree.
     """
     if mode not in ("greedy", "sample", "specexec"):
@@ -683,10 +685,10 @@ def generate(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, target
             res = verify_sample(tokens, parents, logits, q_rows, temperature=temperature, top_p=top_p,
                                 generator=generator)
         else:
-            res = verify_specexec(tokens, parents, logits, temperature=temperature, top_p=top_p,
-                                  generator=generator)
+            res = (verify_specexec(tokens, parents, logits, temperature=temperature, top_p=top_p,
+                                   generator=generator) if temperature > 0 else verify_greedy(tokens, parents, logits))
         if res is None:
-            if mode == "greedy":
+            if mode == "greedy" or temperature == 0:
                 bonus = logits[:, 0].argmax(-1)
             else:
                 bonus = _multinomial(ops.sampling_probs(logits[:, 0], temperature, top_p), generator)
@@ -738,7 +740,7 @@ def _draft_tree(draft, cache, chain, shape, depths, mode, temperature, top_p, no
                 lg = tree_logits(torch.tensor([tokens], device=device), parents)[0]
             for i in expand:
                 x = root[0] if i < 0 else lg[i]
-                rows.append(ops.sampling_probs(x.float(), temperature, top_p).log())
+                rows.append(ops.sampling_probs(x.float(), temperature or 1.0, top_p).log())
             return torch.stack(rows)
 
         t = specexec_tree(logprob_fn, nodes, max_depth)

@@ -374,8 +374,30 @@ def test_plan_tree(tiny):
         models.plan_tree(tiny, cheap, [[1]])
     with pytest.raises(ValueError, match=r"plan_tree: repeats must be an int >= 1, got 0"):
         models.plan_tree(tiny, cheap, prompts, repeats=0)
-    with pytest.raises(ValueError, match=r"generate: tree must be a parent array, an effx.spec.SequoiaTree or 'auto'"):
+    with pytest.raises(ValueError, match=r"generate: tree must be a parent array, an effx.spec.SequoiaTree, 'auto' "
+                                         r"or 'specexec\[:NODES,DEPTH\]', got 'best'"):
         models.generate(tiny, prompts, draft=cheap, tree="best")
+
+
+def test_specexec_trees(tiny):
+    prompt = prompts_of([20], seed=10)
+    plain = models.generate(tiny, prompt, max_new_tokens=16)
+    draft = models.early_exit_draft(tiny, 1)
+    for tree in ("specexec", "specexec:8,3"):
+        res = models.generate(tiny, prompt, max_new_tokens=16, draft=draft, tree=tree)
+        assert res.tokens == plain.tokens and res.tree is None and res.accepted_per_step >= 1
+    # A draft that is the model: its most likely child of the root, in every best-first tree,
+    # is the target's argmax, so each step takes it and the bonus token at least.
+    same = models.generate(tiny, prompt, max_new_tokens=16, draft=models.early_exit_draft(tiny, 2),
+                           tree="specexec:6,3")
+    assert same.tokens == plain.tokens and same.accepted_per_step >= 2
+    sampled = models.generate(tiny, prompt, max_new_tokens=16, draft=draft, tree="specexec", temperature=0.8,
+                              generator=torch.Generator().manual_seed(0))
+    assert len(sampled.tokens[0]) == 16
+    with pytest.raises(ValueError, match=r"generate: tree 'specexec:NODES,DEPTH' takes two ints >= 1, got 'specexec:4'"):
+        models.generate(tiny, prompt, draft=draft, tree="specexec:4")
+    with pytest.raises(ValueError, match=r"mode 'specexec' builds one tree per step and supports batch size 1"):
+        models.generate(tiny, prompts_of([20, 20]), draft=draft, tree="specexec")
 
 
 def test_sparse_mlp_and_streamed_weights_plug_in(tiny):
@@ -574,6 +596,8 @@ def test_cli_generate_random_model_h2o():
                                         (["--spec-draft", "first:1"], "tokens per target step"),
                                         (["--spec-draft", "first:1", "--tree", "chain:2"],
                                          "a tree of 2 tokens per step"),
+                                        (["--spec-draft", "first:1", "--tree", "specexec:8,2"],
+                                         "SpecExec trees (specexec:8,2)"),
                                         (["--offload", "0,50"], "decode")])
 def test_cli_methods(flags, says):
     out = effx_cli("generate", "--model", "random", "--prompt", "hello there", "--max-new-tokens", "4", *flags)
@@ -586,7 +610,8 @@ def test_cli_methods(flags, says):
                                          (["--offload", "80,40"], "effx.offload"),
                                          (["--tree", "auto"], "--tree applies to --spec-draft"),
                                          (["--spec-draft", "first:1", "--tree", "chain:0"],
-                                          "--tree takes auto or chain:N (N >= 1), got 'chain:0'")])
+                                          "--tree takes auto, chain:N (N >= 1) or specexec[:NODES,DEPTH], got "
+                                          "'chain:0'")])
 def test_cli_bad_method_flags(flags, error):
     out = effx_cli("generate", "--model", "random", "--prompt", "x", *flags)
     assert out.returncode == 2 and error in out.stderr

@@ -76,7 +76,7 @@ class GenerationResult:
     decode_seconds: float
     cache: kv.KVCache
     accepted_per_step: float | None = None  # tree speculation: tokens emitted per target call
-    tree: list[int] | None = None  # tree speculation: the parents of the tree drafted each step
+    tree: list[int] | None = None  # tree speculation: the parents of the tree drafted each step (not SpecExec's)
 
     @property
     def new_tokens(self) -> int:
@@ -87,7 +87,8 @@ class GenerationResult:
         """Tokens produced by decode steps (all rows) per second of decoding. Plain decoding takes
         each row's first token from the prefill; speculation leaves the prompt's last token to
         root the first tree, so all its tokens come from decode steps."""
-        decoded = self.new_tokens - (0 if self.tree is not None else sum(1 for t in self.tokens if t))
+        speculated = self.accepted_per_step is not None
+        decoded = self.new_tokens - (0 if speculated else sum(1 for t in self.tokens if t))
         return decoded / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
     @property
@@ -184,9 +185,11 @@ def generate(model: CausalLM, prompts, *, max_new_tokens: int = 32, cache: str |
         it proposes ``tree`` (a parent array or :class:`effx.spec.SequoiaTree`; default a chain
         of 4; ``"auto"``: the tree :func:`effx.models.plan_tree` picks for these prompts and
         this machine, measured before generation starts, through a dense cache unless
-        ``cache`` names a policy) and the target verifies it in one forward pass; greedy output
-        equals plain greedy decoding, sampling keeps the target's distribution. Prompts must
-        have equal lengths; ``prefill_seconds`` is the prompt's pass through both models.
+        ``cache`` names a policy; ``"specexec"`` or ``"specexec:NODES,DEPTH"``: SpecExec's
+        best-first tree of the draft's most likely continuations, rebuilt every step, 16 nodes
+        of depth 4 by default, batch 1) and the target verifies it in one forward pass; greedy
+        output equals plain greedy decoding, sampling keeps the target's distribution. Prompts
+        must have equal lengths; ``prefill_seconds`` is the prompt's pass through both models.
     progress: a tqdm bar over the decode steps.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -229,20 +232,39 @@ def generate(model: CausalLM, prompts, *, max_new_tokens: int = 32, cache: str |
     return GenerationResult(out, reasons, lengths, prefill_seconds, time.perf_counter() - start, cache)
 
 
+def _specexec_shape(tree: str) -> tuple[int, int]:
+    """(nodes, depth) of ``"specexec"`` or ``"specexec:NODES,DEPTH"``."""
+    if tree == "specexec":
+        return 16, 4
+    kind, _, rest = tree.partition(":")
+    parts = rest.split(",")
+    if kind != "specexec" or len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        _fail(f"tree 'specexec:NODES,DEPTH' takes two ints >= 1, got {tree!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _speculative(model, draft, prompts, max_new_tokens, cache, cache_options, temperature, top_p, stop_tokens,
                  generator, tree, mlp, weights) -> GenerationResult:
     from effx import spec
 
-    if isinstance(tree, str):
+    specexec = _specexec_shape(tree) if isinstance(tree, str) and tree.startswith("specexec") else None
+    if isinstance(tree, str) and specexec is None:
         if tree != "auto":
-            _fail(f"tree must be a parent array, an effx.spec.SequoiaTree or 'auto', got {tree!r}")
+            _fail(f"tree must be a parent array, an effx.spec.SequoiaTree, 'auto' or 'specexec[:NODES,DEPTH]', "
+                  f"got {tree!r}")
         from effx.models.speculation import plan_tree  # here: speculation imports this module
         tree = plan_tree(model, draft, prompts, temperature=temperature, top_p=top_p,
                          cache=cache if isinstance(cache, str) else "dense", cache_options=cache_options)
-    shape = list(tree.parents if isinstance(tree, spec.SequoiaTree) else (tree or [-1, 0, 1, 2]))
+    if specexec is not None:
+        shape, size = None, specexec[0]
+        how = dict(mode="specexec", temperature=temperature, specexec_nodes=specexec[0], specexec_depth=specexec[1])
+    else:
+        shape = list(tree.parents if isinstance(tree, spec.SequoiaTree) else (tree or [-1, 0, 1, 2]))
+        size = len(shape)
+        how = dict(tree=shape, mode="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0)
     # The loop runs until the slowest row has max_new_tokens: a faster row may gain a whole
     # path (up to the tree size + 1) every step, and each step attends over a tree.
-    room = (len(shape) + 1) * (max_new_tokens + 1)
+    room = (size + 1) * (max_new_tokens + 1)
     ids, lengths, ragged, cache = _prepare(model, prompts, None, cache, room, cache_options)
     if ragged is not None:
         _fail("tree speculation needs prompts of equal length (the speculative loop has no ragged prefill)")
@@ -254,9 +276,8 @@ def _speculative(model, draft, prompts, max_new_tokens, cache, cache_options, te
 
     draft_cache = draft.new_cache(len(lengths), lengths[0] + room)
     gen = spec.generate(through(model, mlp=mlp, weights=weights), through(draft), ids.to(model.device),
-                        max_new_tokens, target_cache=cache, draft_cache=draft_cache, tree=shape,
-                        mode="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0,
-                        top_p=top_p, generator=generator)
+                        max_new_tokens, target_cache=cache, draft_cache=draft_cache, top_p=top_p,
+                        generator=generator, **how)
     stop = set(stop_tokens)
     tokens, reasons = [], []
     for row in gen.tokens:
