@@ -368,11 +368,11 @@ def test_plan_tree(tiny):
         assert auto.tokens == plain.tokens and auto.prefill_seconds > 0 and auto.tree is not None
     with pytest.raises(ValueError, match=r"plan_tree: min_nodes must be an int in \[0, max_nodes = 4\], got 5"):
         models.plan_tree(tiny, cheap, prompts, max_nodes=4, min_nodes=5)
-    with pytest.raises(ValueError, match=r"plan_tree: the prompts must have equal lengths"):
+    with pytest.raises(ValueError, match=r"measure_tree_costs: the prompts must have equal lengths"):
         models.plan_tree(tiny, cheap, [[1, 2, 3], [4, 5]])
-    with pytest.raises(ValueError, match=r"plan_tree: the prompts must have at least 2 tokens, got 1"):
+    with pytest.raises(ValueError, match=r"measure_tree_costs: the prompts must have at least 2 tokens, got 1"):
         models.plan_tree(tiny, cheap, [[1]])
-    with pytest.raises(ValueError, match=r"plan_tree: repeats must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"measure_tree_costs: repeats must be an int >= 1, got 0"):
         models.plan_tree(tiny, cheap, prompts, repeats=0)
     with pytest.raises(ValueError, match=r"generate: tree must be a parent array, an effx.spec.SequoiaTree, 'auto' "
                                          r"or 'specexec\[:NODES,DEPTH\]', got 'best'"):

@@ -20,8 +20,8 @@ __all__ = ["TreeCosts", "measure_tree_costs", "plan_tree"]
 _ACCEPTANCE_POSITIONS = 512
 
 
-def _fail(message: str) -> None:
-    raise ValueError(f"effx.models.plan_tree: {message}")
+def _fail(where: str, message: str) -> None:
+    raise ValueError(f"effx.models.{where}: {message}")
 
 
 def _sizes(max_nodes: int) -> list[int]:
@@ -69,7 +69,7 @@ class TreeCosts:
         the expected tokens per row); with ``min_nodes`` 0 the empty tree (plain decoding) when no
         tree pays for its draft."""
         if not isinstance(min_nodes, int) or not 0 <= min_nodes <= max_nodes:
-            _fail(f"min_nodes must be an int in [0, max_nodes = {max_nodes}], got {min_nodes!r}")
+            _fail("TreeCosts.choose", f"min_nodes must be an int in [0, max_nodes = {max_nodes}], got {min_nodes!r}")
         return spec.choose_tree(self.accept, self.draft_time, self.target_time, max_nodes, max_depth,
                                 sizes=range(min_nodes, max_nodes + 1))
 
@@ -88,17 +88,18 @@ def measure_tree_costs(model: CausalLM, draft: CausalLM, prompts, *, max_nodes: 
     n = 1, 2, 4, ... up to a tree of ``max_nodes`` under the pending token.
     """
     if not isinstance(max_nodes, int) or max_nodes < 1:
-        _fail(f"max_nodes must be an int >= 1, got {max_nodes!r}")
+        _fail("measure_tree_costs", f"max_nodes must be an int >= 1, got {max_nodes!r}")
     if not isinstance(repeats, int) or repeats < 1:
-        _fail(f"repeats must be an int >= 1, got {repeats!r}")
+        _fail("measure_tree_costs", f"repeats must be an int >= 1, got {repeats!r}")
     if draft.config.vocab_size != model.config.vocab_size:
-        _fail(f"the draft's vocabulary ({draft.config.vocab_size}) must be the model's ({model.config.vocab_size})")
+        _fail("measure_tree_costs", f"the draft's vocabulary ({draft.config.vocab_size}) must be the model's "
+                                    f"({model.config.vocab_size})")
     ids, lengths, ragged = _pack(_rows(prompts, None), model.config.vocab_size)
     if ragged is not None:
-        _fail("the prompts must have equal lengths (as tree speculation needs)")
+        _fail("measure_tree_costs", "the prompts must have equal lengths (as tree speculation needs)")
     b, t = ids.shape
     if t < 2:
-        _fail(f"the prompts must have at least 2 tokens, got {t}")
+        _fail("measure_tree_costs", f"the prompts must have at least 2 tokens, got {t}")
     capacity = t + max_nodes + 1
     target_cache = make_cache(model, cache, b, capacity, prompt_len=t, **(cache_options or {}))
     draft_cache = draft.new_cache(b, capacity)
@@ -127,10 +128,11 @@ def plan_tree(model: CausalLM, draft: CausalLM, prompts, *, max_nodes: int = 64,
     :func:`measure_tree_costs`, then :meth:`TreeCosts.choose` (``min_nodes`` 0: possibly the
     empty tree, plain decoding).
     """
+    # The limits are checked before the measurements, which take seconds.
     if not isinstance(max_depth, int) or max_depth < 1:
-        _fail(f"max_depth must be an int >= 1, got {max_depth!r}")
+        _fail("plan_tree", f"max_depth must be an int >= 1, got {max_depth!r}")
     if not isinstance(min_nodes, int) or not isinstance(max_nodes, int) or not 0 <= min_nodes <= max_nodes:
-        _fail(f"min_nodes must be an int in [0, max_nodes = {max_nodes}], got {min_nodes!r}")
+        _fail("plan_tree", f"min_nodes must be an int in [0, max_nodes = {max_nodes}], got {min_nodes!r}")
     costs = measure_tree_costs(model, draft, prompts, max_nodes=max_nodes, temperature=temperature, top_p=top_p,
                                cache=cache, cache_options=cache_options, repeats=repeats, seed=seed)
     return costs.choose(max_nodes, max_depth, min_nodes)
