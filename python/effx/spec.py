@@ -369,9 +369,10 @@ def _interpolate(table, n: int, where: str) -> float:
 
 
 def choose_tree(accept_probs, draft_time, target_time, max_nodes: int, max_depth: int,
-                sizes: Sequence[int] | None = None) -> SequoiaTree:
+                sizes: Sequence[int] | None = None, step_time: float = 0.0) -> SequoiaTree:
     """The hardware-aware choice of size and depth (Sequoia): minimize
-    ``(depth * draft_time + target_time(size + 1)) / expected_tokens`` over tree sizes and depths.
+    ``(depth * draft_time + target_time(size + 1) + step_time) / expected_tokens`` over tree
+    sizes and depths (``step_time``: a speculative step's own work besides the forwards).
 
     ``draft_time``: seconds of one draft step, one per level (a number, or a table
     {tree size: seconds} / callable of the tree size); ``target_time``: seconds of one target forward over a
@@ -390,7 +391,8 @@ def choose_tree(accept_probs, draft_time, target_time, max_nodes: int, max_depth
         else:
             t_target = _interpolate(target_time, n + 1, "choose_tree")
             t_step = _interpolate(draft_time, n, "choose_tree")
-            candidates = [((d * t_step + t_target) / float(dp.f[d + 1, n + 1]), n, d) for d in range(1, max_depth + 1)]
+            candidates = [((d * t_step + t_target + step_time) / float(dp.f[d + 1, n + 1]), n, d)
+                          for d in range(1, max_depth + 1)]
         for c in candidates:
             if best is None or c[0] < best[0] - 1e-15:
                 best = c

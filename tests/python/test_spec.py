@@ -364,6 +364,12 @@ def test_choose_tree_minimizes_time_per_token():
     none = spec.choose_tree(p, 10.0, target, 64, 8, sizes=range(0, 65))
     assert none.parents == [] and none.depth == 0 and none.expected_tokens == 1.0 and none.time_per_token == 1.0
     assert spec.choose_tree(p, 0.05, target, 64, 8, sizes=range(0, 65)).parents == best.parents
+    # A step's own work, paid once per step, makes more tokens per step worth more.
+    costly = spec.choose_tree(p, 0.05, target, 64, 8, step_time=5.0)
+    assert costly.expected_tokens > best.expected_tokens
+    assert math.isclose(costly.time_per_token, min(
+        (d * 0.05 + spec._interpolate(target, n + 1, "t") + 5.0) / float(dp.f[d + 1, n + 1])
+        for n in range(1, 65) for d in range(1, 9)), rel_tol=1e-12)
     with pytest.raises(ValueError, match=r"effx\.spec\.choose_tree: accept_probs must be probabilities"):
         spec.choose_tree([0.8, 0.5], 0.1, target, 8, 2)
     with pytest.raises(ValueError, match=r"effx\.spec\.choose_tree: sizes must be in \[0, 8\], got 9"):

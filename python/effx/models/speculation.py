@@ -53,15 +53,52 @@ def _tree_seconds(model: CausalLM, cache, n: int, repeats: int, generator: torch
     return best
 
 
+def _step_overhead(model: CausalLM, draft: CausalLM, ids: torch.Tensor, n: int, cache: str, cache_options: dict,
+                   temperature: float, top_p: float, seed: int) -> float:
+    """Seconds per speculative step outside the two models' forwards (verification, the caches'
+    commits, the loop's own work): a few real steps of a tree of n tokens over the prompts'
+    last 16 tokens, less the forwards inside them (the bookkeeping does not grow with the
+    context)."""
+    short = ids[:, -16:].to(model.device)
+    b, t = short.shape
+    steps = 6
+    room = t + (n + 1) * (steps + 1)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    inside = [0.0]
+
+    def timed(m: CausalLM):
+        calls = [0]
+
+        def call(tokens, c, positions, parents=None, lengths=None):
+            calls[0] += 1
+            sync()
+            start = time.perf_counter()
+            out = m(tokens, cache=c, positions=positions, parents=parents, lengths=lengths)
+            sync()
+            if calls[0] > 1:  # the first call is the prompt's prefill, outside the loop
+                inside[0] += time.perf_counter() - start
+            return out
+        return call
+
+    gen = spec.generate(timed(model), timed(draft), short, steps,
+                        target_cache=make_cache(model, cache, b, room, prompt_len=t, **cache_options),
+                        draft_cache=draft.new_cache(b, room), tree=[-1] * n,
+                        mode="greedy" if temperature == 0 else "sample", temperature=temperature or 1.0,
+                        top_p=top_p, generator=torch.Generator(device=model.device).manual_seed(seed))
+    return max(0.0, (gen.seconds - inside[0]) / max(1, len(gen.accepted_per_step)))
+
+
 @dataclasses.dataclass
 class TreeCosts:
     """What Sequoia's planner measures for a target/draft pair at one batch and context:
     ``accept`` (p[j], the draft's j-th guess is the target's token), ``target_time`` {n: best
-    seconds of a target forward over n tree tokens}, ``draft_time`` {n: the same for the draft}."""
+    seconds of a target forward over n tree tokens}, ``draft_time`` {n: the same for the draft},
+    ``step_time`` (seconds of a speculative step's own work besides the forwards)."""
 
     accept: torch.Tensor
     target_time: dict[int, float]
     draft_time: dict[int, float]
+    step_time: float = 0.0
 
     def choose(self, max_nodes: int = 64, max_depth: int = 8, min_nodes: int = 0) -> spec.SequoiaTree:
         """The tree of ``min_nodes`` to ``max_nodes`` tokens and depth at most ``max_depth`` with
@@ -71,7 +108,7 @@ class TreeCosts:
         if not isinstance(min_nodes, int) or not 0 <= min_nodes <= max_nodes:
             _fail("TreeCosts.choose", f"min_nodes must be an int in [0, max_nodes = {max_nodes}], got {min_nodes!r}")
         return spec.choose_tree(self.accept, self.draft_time, self.target_time, max_nodes, max_depth,
-                                sizes=range(min_nodes, max_nodes + 1))
+                                sizes=range(min_nodes, max_nodes + 1), step_time=self.step_time)
 
 
 def measure_tree_costs(model: CausalLM, draft: CausalLM, prompts, *, max_nodes: int = 64,
@@ -85,7 +122,9 @@ def measure_tree_costs(model: CausalLM, draft: CausalLM, prompts, *, max_nodes: 
     next-token distributions at up to 512 prompt positions. Costs: the best of ``repeats``
     forwards of each model over a tree of n tokens on top of the prompt (the target through a
     ``cache`` policy of :func:`make_cache` with ``cache_options``, as generation will run it),
-    n = 1, 2, 4, ... up to a tree of ``max_nodes`` under the pending token.
+    n = 1, 2, 4, ... up to a tree of ``max_nodes`` under the pending token, and the best of
+    ``repeats`` measurements of a step's work besides the forwards (a few real steps over a
+    16-token suffix of the prompts).
     """
     if not isinstance(max_nodes, int) or max_nodes < 1:
         _fail("measure_tree_costs", f"max_nodes must be an int >= 1, got {max_nodes!r}")
@@ -117,7 +156,9 @@ def measure_tree_costs(model: CausalLM, draft: CausalLM, prompts, *, max_nodes: 
     # The target verifies the pending token and the tree under it: n + 1 tokens.
     target_time = {n: _tree_seconds(model, target_cache, n, repeats, cpu) for n in sizes}
     draft_time = {n: _tree_seconds(draft, draft_cache, n, repeats, cpu) for n in sizes[:-1] + [max_nodes]}
-    return TreeCosts(accept, target_time, draft_time)
+    step = min(_step_overhead(model, draft, ids, min(max_nodes, 8), cache, cache_options or {}, temperature, top_p,
+                              seed) for _ in range(repeats))
+    return TreeCosts(accept, target_time, draft_time, step)
 
 
 def plan_tree(model: CausalLM, draft: CausalLM, prompts, *, max_nodes: int = 64, max_depth: int = 8,
