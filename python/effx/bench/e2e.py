@@ -23,13 +23,13 @@ are timed apart; the planning before is not timed).
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
 
 from effx import models, spec
 from effx.bench.harness import PeakMemory, Record, measure_roofs
+from effx.models.generate import spec_callable
 from effx.offload import Policy
 
 CHAIN = [-1, 0, 1, 2]  # the runner's default speculation tree: a chain of 4 (the warm-up runs)
@@ -49,11 +49,6 @@ def load_model(device: torch.device, model_dir: str | None) -> models.CausalLM:
                                   device=device)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def speculate(model: models.CausalLM, draft: models.CausalLM, ids: torch.Tensor, new: int,
               tree: spec.SequoiaTree | list[int]) -> dict:
     """Greedy tree speculation through :func:`effx.spec.generate` (as ``generate(draft=)``
@@ -63,11 +58,7 @@ def speculate(model: models.CausalLM, draft: models.CausalLM, ids: torch.Tensor,
     cache = models.make_cache(model, "dense", b, t + room, prompt_len=t)
     draft_cache = draft.new_cache(b, t + room)
 
-    def through(m: models.CausalLM) -> Callable:
-        return lambda tokens, c, positions, parents=None, lengths=None: m(
-            tokens, cache=c, positions=positions, parents=parents, lengths=lengths)
-
-    gen = spec.generate(through(model), through(draft), ids.to(model.device), new, target_cache=cache,
+    gen = spec.generate(spec_callable(model), spec_callable(draft), ids.to(model.device), new, target_cache=cache,
                         draft_cache=draft_cache, tree=tree)
     return dict(tokens_per_s=b * new / gen.seconds, prefill_s=gen.prefill_seconds,
                 kv_bytes=cache.nbytes() + draft_cache.nbytes(), accepted=round(gen.mean_accepted, 2))
@@ -144,7 +135,8 @@ def run(device: torch.device, quick: bool = False, *, model_dir: str | None = No
                                  kv_bytes=got["kv_bytes"], peak_bytes=peak, peak_of=source, model=model.name)
                     if "accepted" in got:
                         shape["accepted/step"] = got["accepted"]
-                        shape["tree"] = f"{tree.size}-token tree, depth {tree.depth}, {tree.expected_tokens:.2f} expected"
+                        shape["tree"] = (f"{tree.size}-token tree, depth {tree.depth}, "
+                                         f"{tree.expected_tokens:.2f} expected")
                     records.append(Record("e2e", name, shape, dtype, roofs.device, time_s, 0.0, 0.0, "dense",
                                           dense_time, roofs))
     return records

@@ -232,6 +232,14 @@ def generate(model: CausalLM, prompts, *, max_new_tokens: int = 32, cache: str |
     return GenerationResult(out, reasons, lengths, prefill_seconds, time.perf_counter() - start, cache)
 
 
+def spec_callable(model: CausalLM, **run) -> Callable:
+    """``model`` as :func:`effx.spec.generate` calls it: (tokens, cache, positions, parents,
+    lengths) -> logits, with ``run`` (``mlp``, ``weights``) forwarded."""
+    def call(tokens, cache, positions, parents=None, lengths=None):
+        return model(tokens, cache=cache, positions=positions, parents=parents, lengths=lengths, **run)
+    return call
+
+
 def _specexec_shape(tree: str) -> tuple[int, int]:
     """(nodes, depth) of ``"specexec"`` or ``"specexec:NODES,DEPTH"``."""
     if tree == "specexec":
@@ -269,13 +277,8 @@ def _speculative(model, draft, prompts, max_new_tokens, cache, cache_options, te
     if ragged is not None:
         _fail("tree speculation needs prompts of equal length (the speculative loop has no ragged prefill)")
 
-    def through(m, **run):
-        def call(tokens, c, positions, parents=None, lengths=None):
-            return m(tokens, cache=c, positions=positions, parents=parents, lengths=lengths, **run)
-        return call
-
     draft_cache = draft.new_cache(len(lengths), lengths[0] + room)
-    gen = spec.generate(through(model, mlp=mlp, weights=weights), through(draft), ids.to(model.device),
+    gen = spec.generate(spec_callable(model, mlp=mlp, weights=weights), spec_callable(draft), ids.to(model.device),
                         max_new_tokens, target_cache=cache, draft_cache=draft_cache, top_p=top_p,
                         generator=generator, **how)
     stop = set(stop_tokens)

@@ -11,7 +11,7 @@ import time
 import torch
 
 from effx import spec
-from effx.models.generate import _pack, _rows, make_cache
+from effx.models.generate import _pack, _rows, make_cache, spec_callable
 from effx.models.llama import CausalLM
 
 __all__ = ["TreeCosts", "measure_tree_costs", "plan_tree"]
@@ -41,13 +41,12 @@ def _tree_seconds(model: CausalLM, cache, n: int, repeats: int, generator: torch
     tokens = torch.randint(0, model.config.vocab_size, (b, n), generator=generator)
     parents = torch.tensor([-1] + [0] * (n - 1), dtype=torch.int64, device=model.device)
     positions = cache.lengths().to(model.device)[:, None] + (parents >= 0).long()[None]
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     best = float("inf")
     for _ in range(repeats + 1):  # the first call warms this size up
-        sync()
+        spec._sync(model.device)
         start = time.perf_counter()
         model(tokens, cache=cache, positions=positions, parents=parents)
-        sync()
+        spec._sync(model.device)
         best = min(best, time.perf_counter() - start)
         cache.commit_tree([[]] * b)
     return best
@@ -63,18 +62,17 @@ def _step_overhead(model: CausalLM, draft: CausalLM, ids: torch.Tensor, n: int, 
     b, t = short.shape
     steps = 6
     room = t + (n + 1) * (steps + 1)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     inside = [0.0]
 
     def timed(m: CausalLM):
-        calls = [0]
+        forward, calls = spec_callable(m), [0]
 
-        def call(tokens, c, positions, parents=None, lengths=None):
+        def call(*args, **kwargs):
             calls[0] += 1
-            sync()
+            spec._sync(model.device)
             start = time.perf_counter()
-            out = m(tokens, cache=c, positions=positions, parents=parents, lengths=lengths)
-            sync()
+            out = forward(*args, **kwargs)
+            spec._sync(model.device)
             if calls[0] > 1:  # the first call is the prompt's prefill, outside the loop
                 inside[0] += time.perf_counter() - start
             return out
