@@ -416,6 +416,50 @@ class TokenTree:
     logprobs: list[float]
 
 
+class _BestFirst:
+    """One SpecExec tree being grown: the nodes found so far and the ones to expand next."""
+
+    def __init__(self, max_nodes: int, max_depth: int, branch: int):
+        self.max_nodes, self.max_depth, self.branch = max_nodes, max_depth, branch
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.cum: list[float] = []
+        self.depth: list[int] = []
+        self.to_expand = [-1]
+        self._expanded = {-1}
+
+    def grow(self, lp: torch.Tensor) -> None:
+        """Add the children of ``to_expand`` from their log-probabilities ``lp`` [len, V]."""
+        lp = lp.double().cpu()
+        top = lp.topk(min(self.branch, lp.shape[-1]), -1)
+        for row, node in enumerate(self.to_expand):
+            base = 0.0 if node < 0 else self.cum[node]
+            for value, token in zip(top.values[row].tolist(), top.indices[row].tolist()):
+                if value == -math.inf:
+                    break
+                self.tokens.append(token)
+                self.parents.append(node)
+                self.cum.append(base + value)
+                self.depth.append(1 if node < 0 else self.depth[node] + 1)
+        best = _best(self.cum, self.max_nodes)
+        self.to_expand = [i for i in best if i not in self._expanded and self.depth[i] < self.max_depth]
+        self._expanded.update(self.to_expand)
+
+    def tree(self) -> TokenTree:
+        keep = sorted(_best(self.cum, self.max_nodes))  # discovery order puts parents first
+        index = {old: new for new, old in enumerate(keep)}
+        return TokenTree([self.tokens[i] for i in keep], [index.get(self.parents[i], -1) for i in keep],
+                         [self.cum[i] for i in keep])
+
+
+def _check_specexec(where: str, max_nodes: int, max_depth: int, branch: int | None) -> int:
+    if max_nodes < 1 or max_depth < 1:
+        _fail(where, f"max_nodes and max_depth must be >= 1, got {max_nodes} and {max_depth}")
+    if branch is not None and branch < 1:
+        _fail(where, f"branch must be >= 1, got {branch}")
+    return max_nodes if branch is None else branch
+
+
 def specexec_tree(logprob_fn: Callable[[list[int], list[int], list[int]], torch.Tensor], max_nodes: int,
                   max_depth: int, branch: int | None = None) -> TokenTree:
     """Deterministic best-first tree (SpecExec): the ``max_nodes`` most probable continuations
@@ -428,33 +472,34 @@ def specexec_tree(logprob_fn: Callable[[list[int], list[int], list[int]], torch.
     since a child is never more probable than its parent, the result equals best-first search
     with one node per draft call.
     """
-    if max_nodes < 1 or max_depth < 1:
-        _fail("specexec_tree", f"max_nodes and max_depth must be >= 1, got {max_nodes} and {max_depth}")
-    branch = max_nodes if branch is None else branch
-    tokens: list[int] = []
-    parents: list[int] = []
-    cum: list[float] = []
-    depth: list[int] = []
-    expanded = {-1}
-    to_expand = [-1]
-    while to_expand:
-        lp = logprob_fn(tokens, parents, to_expand).double().cpu()
-        top = lp.topk(min(branch, lp.shape[-1]), -1)
-        for row, node in enumerate(to_expand):
-            base = 0.0 if node < 0 else cum[node]
-            for value, token in zip(top.values[row].tolist(), top.indices[row].tolist()):
-                if value == -math.inf:
-                    break
-                tokens.append(token)
-                parents.append(node)
-                cum.append(base + value)
-                depth.append(1 if node < 0 else depth[node] + 1)
-        best = _best(cum, max_nodes)
-        to_expand = [i for i in best if i not in expanded and depth[i] < max_depth]
-        expanded.update(to_expand)
-    keep = sorted(_best(cum, max_nodes))  # discovery order puts parents first
-    index = {old: new for new, old in enumerate(keep)}
-    return TokenTree([tokens[i] for i in keep], [index.get(parents[i], -1) for i in keep], [cum[i] for i in keep])
+    tree = _BestFirst(max_nodes, max_depth, _check_specexec("specexec_tree", max_nodes, max_depth, branch))
+    while tree.to_expand:
+        tree.grow(logprob_fn(tree.tokens, tree.parents, tree.to_expand))
+    return tree.tree()
+
+
+def specexec_trees(logprob_fn: Callable[[list[list[int]], list[list[int]], list[list[int]]],
+                                        Sequence[torch.Tensor | None]],
+                   batch: int, max_nodes: int, max_depth: int, branch: int | None = None) -> list[TokenTree]:
+    """:func:`specexec_tree` for ``batch`` sequences at once, one draft call per round for all.
+
+    ``logprob_fn(tokens, parents, nodes)`` gets each row's tree so far and the nodes to expand
+    in it (an empty list once a row's tree is complete) and returns, per row, the draft's
+    log-probabilities [len(nodes[r]), V] at those nodes (anything, e.g. None, for an empty list).
+    Row r's tree is the one :func:`specexec_tree` builds from row r's log-probabilities.
+    """
+    if batch < 1:
+        _fail("specexec_trees", f"batch must be >= 1, got {batch}")
+    branch = _check_specexec("specexec_trees", max_nodes, max_depth, branch)
+    trees = [_BestFirst(max_nodes, max_depth, branch) for _ in range(batch)]
+    while any(t.to_expand for t in trees):
+        lps = logprob_fn([t.tokens for t in trees], [t.parents for t in trees], [t.to_expand for t in trees])
+        if len(lps) != batch:
+            _fail("specexec_trees", f"logprob_fn must return one entry per row ({batch}), got {len(lps)}")
+        for t, lp in zip(trees, lps):
+            if t.to_expand:
+                t.grow(lp)
+    return [t.tree() for t in trees]
 
 
 def _best(cum: list[float], k: int) -> list[int]:
@@ -636,7 +681,8 @@ def generate(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, target
     distribution at ``temperature``/``top_p`` exactly), or "specexec" (a best-first tree of
     ``specexec_nodes`` nodes and depth ``specexec_depth``; the target samples at every node;
     at ``temperature`` 0 the tree is ranked by the draft's plain softmax and verified greedily,
-    so the output equals greedy decoding).
+    so the output equals greedy decoding; each batch row grows its own tree, all rows in one
+    draft call per level).
     ``prompt`` [B, T0] (T0 >= 1); caches must hold prompt + max_new_tokens + the tree.
     """
     if mode not in ("greedy", "sample", "specexec"):
@@ -675,8 +721,13 @@ def generate(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, target
             parents, q_rows = [], None
         n = tokens.shape[1]
         full_tokens = torch.cat([pending[:, None], tokens], 1)
-        full_parents = torch.tensor([-1] + [p + 1 for p in parents], dtype=torch.int64)
-        depth = torch.tensor([0] + (tree_depths(parents).tolist() if parents else []), dtype=torch.int64)
+        # the pending token is the root: the tree's roots hang under it
+        par = torch.tensor(parents, dtype=torch.int64).reshape(-1, n) if n else torch.zeros(1, 0, dtype=torch.int64)
+        root = torch.zeros(par.shape[0], 1, dtype=torch.int64)
+        full_parents = torch.cat([root - 1, par + 1], 1)
+        depth = torch.cat([root, tree_depths(par) if n else par], 1)
+        if par.shape[0] == 1:  # one tree shape for the whole batch
+            full_parents, depth = full_parents[0], depth[0]
         logits = target(full_tokens.clamp(min=0), target_cache, _positions(target_cache, depth, device),
                         parents=full_parents.to(device))
         if n == 0:
@@ -715,7 +766,8 @@ def generate(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, target
 def _draft_tree(draft, cache, chain, shape, depths, mode, temperature, top_p, nodes, max_depth, generator, device):
     """Run the draft over each row's new tokens (``chain``: ragged, ending with the pending
     token) and propose a tree under the pending token. Returns (tokens [B, N], parents list,
-    draft probabilities [B, N + 1, V] for sampling mode, else None)."""
+    draft probabilities [B, N + 1, V] for sampling mode, else None); the parents are one list
+    for the batch, or one per row in specexec mode."""
     b = len(chain)
     width = max(len(c) for c in chain)
     padded = torch.tensor([c + [0] * (width - len(c)) for c in chain], dtype=torch.int64, device=device)
@@ -733,20 +785,20 @@ def _draft_tree(draft, cache, chain, shape, depths, mode, temperature, top_p, no
         return out
 
     if mode == "specexec":
-        if b != 1:
-            _fail("generate", "mode 'specexec' builds one tree per step and supports batch size 1")
-
         def logprob_fn(tokens, parents, expand):
-            rows = []
-            if any(i >= 0 for i in expand):
-                lg = tree_logits(torch.tensor([tokens], device=device), parents)[0]
-            for i in expand:
-                x = root[0] if i < 0 else lg[i]
-                rows.append(ops.sampling_probs(x.float(), temperature or 1.0, top_p).log())
-            return torch.stack(rows)
+            lg = None
+            if any(i >= 0 for nodes in expand for i in nodes):
+                width = max(len(t) for t in tokens)  # pad every row's tree with childless roots
+                lg = tree_logits(torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=device),
+                                 [p + [-1] * (width - len(p)) for p in parents])
+            return [ops.sampling_probs(torch.stack([root[r] if i < 0 else lg[r, i] for i in nodes]).float(),
+                                       temperature or 1.0, top_p).log() if nodes else None
+                    for r, nodes in enumerate(expand)]
 
-        t = specexec_tree(logprob_fn, nodes, max_depth)
-        return torch.tensor([t.tokens], device=device), t.parents, None
+        trees = specexec_trees(logprob_fn, b, nodes, max_depth)
+        n = max(len(t.tokens) for t in trees)  # shorter trees end in empty nodes (token -1)
+        tokens = torch.tensor([t.tokens + [-1] * (n - len(t.tokens)) for t in trees], device=device)
+        return tokens, [t.parents + [-1] * (n - len(t.parents)) for t in trees], None
 
     n = len(shape)
     v = root.shape[-1]

@@ -396,8 +396,10 @@ def test_specexec_trees(tiny):
     assert len(sampled.tokens[0]) == 16
     with pytest.raises(ValueError, match=r"generate: tree 'specexec:NODES,DEPTH' takes two ints >= 1, got 'specexec:4'"):
         models.generate(tiny, prompt, draft=draft, tree="specexec:4")
-    with pytest.raises(ValueError, match=r"mode 'specexec' builds one tree per step and supports batch size 1"):
-        models.generate(tiny, prompts_of([20, 20]), draft=draft, tree="specexec")
+    # a batch: one tree per row, each row's output its own greedy output
+    batch = prompts_of([20, 20], seed=11)
+    res = models.generate(tiny, batch, max_new_tokens=12, draft=draft, tree="specexec:8,3")
+    assert res.tokens == models.generate(tiny, batch, max_new_tokens=12).tokens and res.accepted_per_step >= 1
 
 
 def test_sparse_mlp_and_streamed_weights_plug_in(tiny):

@@ -424,6 +424,50 @@ def test_specexec_tree_is_best_first():
         assert math.isclose(tree.logprobs[i], scores[path], rel_tol=1e-9)
 
 
+def test_specexec_trees_batch_each_row_as_alone():
+    # Three rows with their own draft tables: row 0 uniform (its best 7 nodes lie within depth
+    # 2, so it finishes a round early), row 1 peaked, row 2 with one token (a chain of 4 nodes,
+    # fewer than asked for). Each batched tree equals specexec_tree on that row's table.
+    vocabs, scales, max_nodes, max_depth = [5, 3, 1], [0.0, 3.0, 1.0], 7, 4
+    g = torch.Generator().manual_seed(3)
+    tables = [{} for _ in vocabs]
+
+    def lp_of(r, path):
+        if path not in tables[r]:
+            tables[r][path] = torch.log_softmax(torch.randn(vocabs[r], generator=g) * scales[r], -1)
+        return tables[r][path]
+
+    def path_of(tokens, parents, i):
+        out = []
+        while i >= 0:
+            out.append(tokens[i])
+            i = parents[i]
+        return tuple(reversed(out))
+
+    rounds = []
+
+    def batched(tokens, parents, nodes):
+        rounds.append([len(x) for x in nodes])
+        return [torch.stack([lp_of(r, () if i < 0 else path_of(tokens[r], parents[r], i)) for i in nodes[r]])
+                if nodes[r] else None for r in range(len(nodes))]
+
+    trees = spec.specexec_trees(batched, 3, max_nodes, max_depth)
+    assert len(rounds) == max_depth and rounds[-1][0] == 0  # one call per level; row 0 done early
+    for r, tree in enumerate(trees):
+        alone = spec.specexec_tree(lambda t, p, n: torch.stack([lp_of(r, () if i < 0 else path_of(t, p, i))
+                                                                for i in n]), max_nodes, max_depth)
+        assert (tree.tokens, tree.parents) == (alone.tokens, alone.parents)
+        assert tree.logprobs == alone.logprobs
+    assert len(trees[2].tokens) == max_depth and trees[2].parents == [-1, 0, 1, 2]
+    with pytest.raises(ValueError, match=r"effx\.spec\.specexec_trees: logprob_fn must return one entry per row "
+                                         r"\(3\), got 1"):
+        spec.specexec_trees(lambda t, p, n: [None], 3, 4, 2)
+    with pytest.raises(ValueError, match=r"effx\.spec\.specexec_trees: batch must be >= 1, got 0"):
+        spec.specexec_trees(batched, 0, 4, 2)
+    with pytest.raises(ValueError, match=r"effx\.spec\.specexec_tree: branch must be >= 1, got 0"):
+        spec.specexec_tree(batched, 4, 2, branch=0)
+
+
 # --- decoding loop ---------------------------------------------------------------------------------
 
 
@@ -486,6 +530,12 @@ def test_generate_sample_and_specexec_modes():
                         draft_cache=draft.make_cache(1, cap), mode="specexec", temperature=1e-4,
                         specexec_nodes=8, specexec_depth=3, generator=torch.Generator().manual_seed(0))
     assert res.tokens == plain_greedy(target, prompt1, 20)
+    assert res.mean_accepted > 1.0
+    # a batch: every row grows its own tree and still decodes greedily
+    res = spec.generate(target, draft, prompt, 20, target_cache=target.make_cache(2, cap),
+                        draft_cache=draft.make_cache(2, cap), mode="specexec", temperature=1e-4,
+                        specexec_nodes=8, specexec_depth=3, generator=torch.Generator().manual_seed(0))
+    assert res.tokens == plain_greedy(target, prompt, 20)
     assert res.mean_accepted > 1.0
 
 

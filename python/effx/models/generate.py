@@ -187,7 +187,7 @@ def generate(model: CausalLM, prompts, *, max_new_tokens: int = 32, cache: str |
         this machine, measured before generation starts, through a dense cache unless
         ``cache`` names a policy; ``"specexec"`` or ``"specexec:NODES,DEPTH"``: SpecExec's
         best-first tree of the draft's most likely continuations, rebuilt every step, 16 nodes
-        of depth 4 by default, batch 1) and the target verifies it in one forward pass; greedy
+        of depth 4 by default, one tree per prompt) and the target verifies it in one forward pass; greedy
         output equals plain greedy decoding, sampling keeps the target's distribution. Prompts
         must have equal lengths; ``prefill_seconds`` is the prompt's pass through both models.
     progress: a tqdm bar over the decode steps.
