@@ -50,5 +50,7 @@ PYBIND11_MODULE(_C, m) {
         "use: the compute roof of CPU benchmark reports.");
   m.def("cpu_bf16_dot_peak_flops", &effx::cpu::bf16_dot_peak_flops, py::arg("num_threads"),
         "The same for AVX512_BF16 dot products (the roof of bf16 work on them); 0 where the CPU has none.");
+  m.def("cpu_amx_peak_flops", &effx::cpu::amx_peak_flops, py::arg("num_threads"),
+        "The same for AMX bf16 tile products (the roof of bf16 GEMMs on them); 0 where the CPU has none.");
   register_offload(m);
 }

@@ -21,5 +21,9 @@ FmaPeak fma_peak(int num_threads);
 // runs on them (csrc/kernels/cpu/bf16_gemm.h); 0 where the CPU lacks them or EFFX_CPU_ISA caps them.
 double bf16_dot_peak_flops(int num_threads);
 
+// The same for AMX tile products of bf16 (csrc/kernels/cpu/bf16_gemm.h), the roof of bf16 work
+// on CPUs that have them; 0 where the CPU lacks them, the OS refuses the tiles or EFFX_CPU_ISA caps them.
+double amx_peak_flops(int num_threads);
+
 }  // namespace cpu
 }  // namespace effx

@@ -64,7 +64,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"\nroofs on {roofs.device}: copy {roofs.copy_gbps:.1f} GB/s, "
               f"matmul {roofs.matmul_tflops:.2f} TFLOP/s ({roofs.matmul_dtype})"
               + (f", fp32 FMA {roofs.fma_tflops:.2f} TFLOP/s" if roofs.fma_tflops else "")
-              + (f", bf16 dot {roofs.bf16_dot_tflops:.2f} TFLOP/s" if roofs.bf16_dot_tflops else ""))
+              + (f", bf16 dot {roofs.bf16_dot_tflops:.2f} TFLOP/s" if roofs.bf16_dot_tflops else "")
+              + (f", AMX bf16 {roofs.amx_tflops:.2f} TFLOP/s" if roofs.amx_tflops else ""))
     paths = [args.json] if args.json else []
     if args.report:
         paths.append(os.path.join(args.report, "results.json"))

@@ -1,10 +1,13 @@
-// effx C++ test: the AVX512_BF16 GEMM of csrc/kernels/cpu/bf16_gemm.h against float64 sums of
-// the same bf16 operands: row tiles of 1 to 6 rows, partial panels, odd reductions (a zero
-// missing row), a scale on the product, accumulation, operands packed from key-like rows and
-// value-like rows, and the rounding of probabilities to bf16 (nearest even). Skips (exit 77)
-// on a CPU without the instruction.
+// effx C++ test: the bf16 GEMM of csrc/kernels/cpu/bf16_gemm.h against float64 sums of the same
+// bf16 operands, on AVX512_BF16 vectors and (where the CPU has them) on AMX tiles: row tiles of
+// 1 to 6 rows and row blocks of 16 to 32 (full, partial, and a zero-padded edge), partial
+// panels, reductions of fewer pairs than a tile, not a multiple of a tile's 16 pairs (the rest
+// on vectors) and odd (a zero missing row), a scale on the product, accumulation, operands
+// packed from key-like rows and value-like rows, and the rounding of probabilities to bf16
+// (nearest even). Skips (exit 77) on a CPU without AVX512_BF16.
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -67,12 +70,21 @@ int main() {
     return 77;
   }
   std::mt19937 rng(5);
-  for (int64_t M : {1, 5, 6, 13}) {
-    for (int64_t N : {3, 32, 45, 128}) {
-      for (int64_t K : {2, 64, 128}) check(M, N, K, true, M % 2 == 1, rng);
-      for (int64_t K : {1, 3, 22, 128}) check(M, N, K, false, M % 2 == 0, rng);
+  const bool amx = bf::amx_available();
+  for (const char* isa : {"amx", "avx512bf16"}) {
+    if (std::strcmp(isa, "amx") == 0 && !amx) {
+      std::printf("bf16_gemm_cpu: AMX part skipped, no AMX-BF16 on this CPU (or the OS refused the tiles)\n");
+      continue;
+    }
+    setenv("EFFX_CPU_ISA", isa, 1);
+    for (int64_t M : {1, 5, 6, 13, 16, 29, 32, 70}) {
+      for (int64_t N : {3, 32, 45, 128}) {
+        for (int64_t K : {2, 64, 128, 80}) check(M, N, K, true, M % 2 == 1, rng);
+        for (int64_t K : {1, 3, 22, 128, 75}) check(M, N, K, false, M % 2 == 0, rng);
+      }
     }
   }
+  unsetenv("EFFX_CPU_ISA");
   const float src[5] = {1.0f, 1.00390625f, 1.01171875f, -3.0e-3f, 65504.0f};  // ties to even at 2^-8 steps
   BFloat16 dst[8];
   bf::round_to_bf16(src, 5, 8, dst);
@@ -80,6 +92,6 @@ int main() {
     const uint16_t want = i < 5 ? effx::from_float<BFloat16>(src[i]).bits : uint16_t{0};
     EFFX_EXPECT(dst[i].bits == want, "round_to_bf16 [%d]: got 0x%04x, want 0x%04x", i, dst[i].bits, want);
   }
-  std::printf("bf16_gemm_cpu: all shapes ok\n");
+  std::printf("bf16_gemm_cpu: all shapes ok (%s)\n", amx ? "AMX tiles and AVX512_BF16 vectors" : "AVX512_BF16 vectors");
   return 0;
 }

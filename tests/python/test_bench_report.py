@@ -21,7 +21,7 @@ def _synthetic(path) -> None:
     """Two devices, a kernel family, a zero-FLOP family, a record with no baseline, e2e rows and
     skipped peers, written by the harness itself."""
     a = harness.Roofs("devA", copy_gbps=100.0, matmul_tflops=2.0, matmul_dtype="float32", fma_tflops=4.0,
-                      bf16_dot_tflops=8.0)
+                      bf16_dot_tflops=8.0, amx_tflops=16.0)
     b = harness.Roofs("devB", copy_gbps=1000.0, matmul_tflops=50.0, matmul_dtype="bfloat16")
     rec = harness.Record
     records = [
@@ -60,8 +60,8 @@ def test_write_json_carries_skipped_and_note(tmp_path):
 def test_cpu_roofs_probe_the_fma_rate():
     roofs = harness.measure_roofs(torch.device("cpu"))
     assert 0.0 < roofs.fma_tflops < float("inf") and roofs.compute_tflops == max(roofs.fma_tflops, roofs.matmul_tflops)
-    assert roofs.bf16_dot_tflops >= 0.0  # 0 without AVX512_BF16
-    assert roofs.compute_tflops_of("bfloat16") == max(roofs.compute_tflops, roofs.bf16_dot_tflops)
+    assert roofs.bf16_dot_tflops >= 0.0 and roofs.amx_tflops >= 0.0  # 0 without AVX512_BF16, AMX
+    assert roofs.compute_tflops_of("bfloat16") == max(roofs.compute_tflops, roofs.bf16_dot_tflops, roofs.amx_tflops)
     assert roofs.compute_tflops_of("float32") == roofs.compute_tflops
     assert roofs.ridge_flop_per_byte == roofs.compute_tflops * 1e12 / (roofs.copy_gbps * 1e9)
 
@@ -80,12 +80,13 @@ def test_report_tables_from_synthetic_json(tmp_path):
     md = open(report.write_report(str(tmp_path / "r.json"), str(out))).read()
     assert (out / "r.json").exists() and "[r.json](r.json)" in md
     # devA's compute roof is its FMA rate (above its matmul), devB's its matmul
-    assert "> synthetic run" in md and "| devA | 100.0 | 2.000 | float32 | 4.000 | 8.000 | 40.00 |" in md
-    assert "| devB | 1000.0 | 50.000 | bfloat16 | - | - | 50.00 |" in md
+    assert "> synthetic run" in md and "| devA | 100.0 | 2.000 | float32 | 4.000 | 8.000 | 16.000 | 40.00 |" in md
+    assert "| devB | 1000.0 | 50.000 | bfloat16 | - | - | - | 50.00 |" in md
     # ms, GB/s, TFLOP/s, roof % (4e9 / 4e12 = 1 ms of compute in 2 ms), baseline ms, speed-up; device column
     assert "| devA | step | B=1, T=64 | float32 | 2.000 | 50.0 | 2.000 | 50.0 | sdpa | 4.000 | 2.00x |" in md
     assert "| devA | step | B=1, T=64 | float32 | 2.000 | 50.0 | 2.000 | 50.0 | sdpa[math] | 1.000 | 0.50x |" in md
-    # bf16 against devA's bf16 dot-product roof: 8e9 / 8e12 = 1 ms of compute in 2 ms
+    # bf16 against devA's AMX roof (above its dot products): 8e9 / 16e12 = 0.5 ms of compute, so
+    # the 1 ms of memory binds, in 2 ms
     assert "| devA | step | B=1, T=64 | bfloat16 | 2.000 | 50.0 | 4.000 | 50.0 | sdpa | 4.000 | 2.00x |" in md
     assert "| devB | step | B=1, T=64 | bfloat16 | 0.100 | 1000.0 | 40.000 | 100.0 | sdpa | 0.300 | 3.00x |" in md
     assert "| devA | sequoia-dp | nodes=8 | float64 | 250.000 | 0.0 | 0.000 | 0.0 | - | - | - |" in md

@@ -129,14 +129,15 @@ def test_dense_tree_attention_and_commit(device, dtype):
 
 
 
-@pytest.mark.parametrize("isa", ["avx512bf16", "avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "baseline"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kv_heads,q_heads,head_dim", [(2, 8, 64), (1, 2, 40), (1, 3, 33)])
 def test_dense_long_cache_every_cpu_isa(isa, dtype, kv_heads, q_heads, head_dim, monkeypatch):
     """Cached blocks read in place (several whole blocks, and blocks of 22 and 3 tokens), decode
     rows and many-row (block GEMM) prefill chunks and trees, head_dim not a multiple of the
     vector width (and odd), each CPU instruction set; bf16 with avx512bf16 on a CPU that has it
-    runs the many-row products on bf16 pairs (bf16_gemm.h), except at the odd head_dim."""
+    runs the many-row products on bf16 pairs (bf16_gemm.h), except at the odd head_dim, and with
+    amx on AMX tiles where the CPU has them (head_dim 40: 16 pairs on tiles, 4 on vectors)."""
     monkeypatch.setenv("EFFX_CPU_ISA", isa)
     torch.manual_seed(11)
     cache = kv.DenseCache(1, 2, kv_heads, head_dim, 400, dtype=dtype)
@@ -208,7 +209,7 @@ def test_kivi_sliding_window(device, isa, bits, dtype, monkeypatch):
     assert worst < KIVI_TOL[dtype]
 
 
-@pytest.mark.parametrize("device,isa", [("cpu", "avx512bf16")] + BACKENDS)
+@pytest.mark.parametrize("device,isa", [("cpu", "amx"), ("cpu", "avx512bf16")] + BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("policy", ["dense", "kivi2"])
 def test_tree_sliding_window(device, isa, dtype, policy, monkeypatch):

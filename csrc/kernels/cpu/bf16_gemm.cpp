@@ -1,13 +1,19 @@
-// effx: the AVX512_BF16 GEMM of bf16_gemm.h. Every function that uses the instruction carries
-// its target attribute, and none runs unless available() said so.
+// effx: the GEMM of bf16_gemm.h, on AMX tiles or on AVX512_BF16 vectors. Every function that
+// uses an instruction set carries its target attribute, and none runs unless amx_available() or
+// available() said so.
 #include "bf16_gemm.h"
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace effx {
@@ -16,23 +22,85 @@ namespace bf16 {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define EFFX_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define EFFX_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 
 bool available() {
   const char* cap = std::getenv("EFFX_CPU_ISA");
-  return (cap == nullptr || std::strcmp(cap, "avx512bf16") == 0) && __builtin_cpu_supports("avx512f") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+  return (cap == nullptr || std::strcmp(cap, "amx") == 0 || std::strcmp(cap, "avx512bf16") == 0) &&
+         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
 }
 
-void pack_columns(int64_t N, int64_t KP, const BFloat16* rows, int64_t ld, uint32_t* out) {
+bool amx_available() {
+  static const bool granted = [] {
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+#if defined(__linux__)
+    // Linux gives a process the 8 KB of tile registers only once it asks for them
+    // (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); a tile instruction before that faults.
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtileData = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) == 0;
+#else
+    return false;
+#endif
+  }();
+  const char* cap = std::getenv("EFFX_CPU_ISA");
+  return granted && available() && (cap == nullptr || std::strcmp(cap, "amx") == 0);
+}
+
+namespace {
+
+// GCC 12 takes the undefined pass-through operand inside its own unpack and shuffle
+// intrinsics for an uninitialized variable.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// r[i] = word i of every input vector: a 16 x 16 transpose of 32-bit words, in three rounds
+// (pairs of words, pairs of pairs, then 128-bit quarters).
+EFFX_BF16_TARGET inline void transpose_words(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // Quarter c of r[4i + k] now holds word 4c + k of inputs 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  __m512i o[16];
+  for (int k = 0; k < 4; ++k) {
+    const __m512i e0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), e1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xEE);
+    const __m512i e2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44);
+    const __m512i e3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xEE);
+    o[k] = _mm512_shuffle_i32x4(e0, e2, 0x88);
+    o[4 + k] = _mm512_shuffle_i32x4(e0, e2, 0xDD);
+    o[8 + k] = _mm512_shuffle_i32x4(e1, e3, 0x88);
+    o[12 + k] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = o[i];
+}
+
+#pragma GCC diagnostic pop
+
+}  // namespace
+
+EFFX_BF16_TARGET void pack_columns(int64_t N, int64_t KP, const BFloat16* rows, int64_t ld, uint32_t* out) {
+  // 16 rows x 16 pairs at a time: loaded as rows, stored as the panel's columns.
   for (int64_t q0 = 0; q0 < N; q0 += kPanel) {
     uint32_t* panel = out + q0 * KP;
-    const int64_t nq = std::min(kPanel, N - q0);
-    for (int64_t j = 0; j < kPanel; ++j) {
-      if (j < nq) {
-        const BFloat16* row = rows + (q0 + j) * ld;
-        for (int64_t p = 0; p < KP; ++p) std::memcpy(panel + p * kPanel + j, row + 2 * p, 4);
-      } else {
-        for (int64_t p = 0; p < KP; ++p) panel[p * kPanel + j] = 0;
+    for (int64_t h = 0; h < kPanel; h += 16) {
+      const int64_t nr = std::max<int64_t>(0, std::min<int64_t>(16, N - q0 - h));
+      for (int64_t p0 = 0; p0 < KP; p0 += 16) {
+        const int64_t np = std::min<int64_t>(16, KP - p0);
+        const __mmask16 m = static_cast<__mmask16>((uint32_t{1} << np) - 1);
+        __m512i r[16];
+        for (int64_t j = 0; j < 16; ++j) {
+          r[j] = j < nr ? _mm512_maskz_loadu_epi32(m, rows + (q0 + h + j) * ld + 2 * p0) : _mm512_setzero_si512();
+        }
+        transpose_words(r);
+        for (int64_t i = 0; i < np; ++i) _mm512_storeu_si512(panel + (p0 + i) * kPanel + h, r[i]);
       }
     }
   }
@@ -110,32 +178,154 @@ EFFX_BF16_TARGET void tile(int64_t KP, const uint32_t* a, int64_t lda, const uin
   }
 }
 
-}  // namespace
-
-void gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* packed, float alpha,
-          float* c, int64_t ldc, bool accumulate) {
+// Pairs [p_begin, p_end) of the product, on vectors (KP: the pairs of the packed layout).
+void vector_gemm(int64_t M, int64_t N, int64_t p_begin, int64_t p_end, int64_t KP, const uint32_t* a, int64_t lda,
+                 const uint32_t* packed, float alpha, float* c, int64_t ldc, bool accumulate) {
+  const int64_t kp = p_end - p_begin;
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
     const int64_t mr = std::min<int64_t>(kRows, M - m0);
     for (int64_t q0 = 0; q0 < N; q0 += kPanel) {
-      const uint32_t* bp = packed + q0 * KP;
-      const uint32_t* am = a + m0 * lda;
+      const uint32_t* bp = packed + q0 * KP + p_begin * kPanel;
+      const uint32_t* am = a + m0 * lda + p_begin;
       float* cm = c + m0 * ldc + q0;
       const int64_t nr = std::min(kPanel, N - q0);
       switch (mr) {
-        case 6: tile<6>(KP, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
-        case 5: tile<5>(KP, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
-        case 4: tile<4>(KP, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
-        case 3: tile<3>(KP, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
-        case 2: tile<2>(KP, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
-        default: tile<1>(KP, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
+        case 6: tile<6>(kp, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
+        case 5: tile<5>(kp, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
+        case 4: tile<4>(kp, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
+        case 3: tile<3>(kp, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
+        case 2: tile<2>(kp, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
+        default: tile<1>(kp, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
       }
     }
   }
 }
 
+// AMX: a tile is 16 rows of 64 bytes, so 16 rows x 16 pairs of A, 16 pairs x 16 columns of B
+// (a half panel: the packed layout's rows of 32 words are B tiles at a 128-byte stride), and
+// 16 x 16 fp32 of C. Each step of 16 pairs multiplies 32 rows (A tiles 4, 5) by a whole
+// panel (B tiles 6, 7) into four C tiles (0-3). Edge blocks of fewer than 32 rows run on a
+// zero-padded copy of their rows; the pairs past the last multiple of 16 go to the vectors.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int64_t kTile = 16;  // rows of every tile, and pairs (or fp32 columns) in its 64 bytes
+
+EFFX_AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda,
+                              const uint32_t* packed, float alpha, float* c, int64_t ldc, bool accumulate) {
+  const int64_t kp = KP / kTile * kTile;
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = kTile;
+  }
+  // Configured on every call: other code on this thread (oneDNN inside torch) may have loaded
+  // its own tile shapes since the last one.
+  _tile_loadconfig(&config);
+  thread_local std::vector<uint32_t> edge;
+  alignas(64) float out[2 * kTile][kPanel];
+  const __m512 scale = _mm512_set1_ps(alpha);
+  for (int64_t m0 = 0; m0 < M; m0 += 2 * kTile) {
+    const int64_t mr = std::min(2 * kTile, M - m0);
+    const uint32_t* am = a + m0 * lda;
+    int64_t la = lda;
+    if (mr < 2 * kTile) {
+      edge.assign(2 * kTile * kp, 0u);
+      for (int64_t r = 0; r < mr; ++r) std::memcpy(edge.data() + r * kp, am + r * lda, kp * 4);
+      am = edge.data();
+      la = kp;
+    }
+    const bool two = mr > kTile;
+    for (int64_t q0 = 0; q0 < N; q0 += kPanel) {
+      const uint32_t* bp = packed + q0 * KP;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t p0 = 0; p0 < kp; p0 += kTile) {
+        _tile_loadd(4, am + p0, la * 4);
+        _tile_loadd(6, bp + p0 * kPanel, kPanel * 4);
+        _tile_loadd(7, bp + p0 * kPanel + kTile, kPanel * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, am + kTile * la + p0, la * 4);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, &out[0][0], kPanel * 4);
+      _tile_stored(1, &out[0][kTile], kPanel * 4);
+      if (two) {
+        _tile_stored(2, &out[kTile][0], kPanel * 4);
+        _tile_stored(3, &out[kTile][kTile], kPanel * 4);
+      }
+      const int64_t nr = std::min(kPanel, N - q0);
+      const __mmask16 k0 = static_cast<__mmask16>((uint32_t{1} << std::min<int64_t>(16, nr)) - 1);
+      const __mmask16 k1 = static_cast<__mmask16>((uint32_t{1} << std::max<int64_t>(0, nr - 16)) - 1);
+      for (int64_t r = 0; r < mr; ++r) {
+        float* cr = c + (m0 + r) * ldc + q0;
+        __m512 v0 = _mm512_mul_ps(_mm512_load_ps(&out[r][0]), scale);
+        __m512 v1 = _mm512_mul_ps(_mm512_load_ps(&out[r][kTile]), scale);
+        if (accumulate) {
+          v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(k0, cr));
+          v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(k1, cr + 16));
+        }
+        _mm512_mask_storeu_ps(cr, k0, v0);
+        _mm512_mask_storeu_ps(cr + 16, k1, v1);
+      }
+    }
+  }
+  _tile_release();  // back to the init state: context switches need not save 8 KB of tiles
+  if (kp < KP) vector_gemm(M, N, kp, KP, KP, a, lda, packed, alpha, c, ldc, true);
+}
+
+}  // namespace
+
+EFFX_AMX_TARGET float amx_chains(int64_t iters) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = kTile;
+  }
+  _tile_loadconfig(&config);
+  alignas(64) uint32_t zeros[kTile * kTile] = {};
+  alignas(64) float out[kTile * kTile];
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, zeros, 64);
+  _tile_loadd(5, zeros, 64);
+  _tile_loadd(6, zeros, 64);
+  _tile_loadd(7, zeros, 64);
+  for (int64_t it = 0; it < iters; ++it) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, out, 64);
+  _tile_release();
+  return out[0];
+}
+
+void gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* packed, float alpha,
+          float* c, int64_t ldc, bool accumulate) {
+  if (M >= kTile && KP >= kTile && amx_available()) return amx_gemm(M, N, KP, a, lda, packed, alpha, c, ldc, accumulate);
+  vector_gemm(M, N, 0, KP, KP, a, lda, packed, alpha, c, ldc, accumulate);
+}
+
 #else  // no AVX512_BF16 on this architecture: available() is false and nothing else is called
 
 bool available() { return false; }
+bool amx_available() { return false; }
+float amx_chains(int64_t) { std::abort(); }
 void pack_columns(int64_t, int64_t, const BFloat16*, int64_t, uint32_t*) { std::abort(); }
 void pack_rows(int64_t, int64_t, const BFloat16*, int64_t, uint32_t*) { std::abort(); }
 void round_to_bf16(const float*, int64_t, int64_t, BFloat16*) { std::abort(); }

@@ -1,6 +1,7 @@
 // effx: a GEMM on bf16 pairs with AVX512_BF16's dot-product instruction (vdpbf16ps: 16 lanes,
 // each adding two bf16 x bf16 products into an fp32 accumulator), twice the multiply-adds per
-// instruction of an fp32 FMA. The attention engine runs both products of its many-row units
+// instruction of an fp32 FMA, or with AMX tiles where the CPU has them (Sapphire Rapids and
+// later: one tdpbf16ps is 16 x 16 x 32 multiply-adds, 16 times a vdpbf16ps per instruction). The attention engine runs both products of its many-row units
 // over bf16 caches through it where the CPU has the instruction: the products of two bf16 are
 // exact in fp32 and only the additions round (as in the fp32 path), so scores keep their
 // accuracy; the probabilities are rounded to bf16 for P V, as GPU attention kernels do.
@@ -19,9 +20,18 @@ namespace bf16 {
 
 constexpr int64_t kPanel = 32;  // columns per packed panel: two 16-lane vectors
 
-// True where this CPU has AVX512_BF16 and EFFX_CPU_ISA (unset, or "avx512bf16") allows it;
-// EFFX_CPU_ISA=avx512 keeps the fp32 path of the same instruction set (tests cover both).
+// True where this CPU has AVX512_BF16 and EFFX_CPU_ISA (unset, "amx" or "avx512bf16") allows
+// it; EFFX_CPU_ISA=avx512 keeps the fp32 path of the same instruction set (tests cover both).
 bool available();
+
+// True where gemm runs blocks of at least 16 rows and 16 pairs on AMX tiles: the CPU has
+// AMX-BF16, the OS granted this process the tile state, and EFFX_CPU_ISA is unset or "amx"
+// (=avx512bf16 keeps the vector GEMM).
+bool amx_available();
+
+// Four independent chains of `iters` tile products (16 x 16 x 32 multiply-adds each) on this
+// thread, the probe of peak.h; only where amx_available().
+float amx_chains(int64_t iters);
 
 // Words of packed B for N columns of KP pairs.
 inline int64_t packed_words(int64_t N, int64_t KP) { return (N + kPanel - 1) / kPanel * kPanel * KP; }

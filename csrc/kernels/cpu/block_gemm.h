@@ -59,11 +59,12 @@ inline int64_t chunks_per_block(int64_t blocks, int64_t rows, int threads) {
 enum class Isa { Avx512, Avx2, Baseline };
 
 // The widest instruction set this CPU runs; EFFX_CPU_ISA=avx2 or =baseline caps it (tests
-// use that to cover every variant on one machine; =avx512 also leaves out AVX512_BF16, see
-// bf16_gemm.h, and =avx512bf16 is the default made explicit).
+// use that to cover every variant on one machine; =avx512 also leaves out AVX512_BF16 and
+// =avx512bf16 leaves out AMX, see bf16_gemm.h, and =amx is the default made explicit).
 inline Isa best_isa() {
   const char* cap = std::getenv("EFFX_CPU_ISA");
-  const bool allow_avx512 = cap == nullptr || std::strcmp(cap, "avx512") == 0 || std::strcmp(cap, "avx512bf16") == 0;
+  const bool allow_avx512 = cap == nullptr || std::strcmp(cap, "avx512") == 0 || std::strcmp(cap, "avx512bf16") == 0 ||
+                            std::strcmp(cap, "amx") == 0;
   const bool allow_avx2 = allow_avx512 || std::strcmp(cap, "avx2") == 0;
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   if (allow_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&

@@ -115,5 +115,14 @@ double bf16_dot_peak_flops(int num_threads) {
   return 0.0;
 }
 
+double amx_peak_flops(int num_threads) {
+  if (!bf16::amx_available()) return 0.0;
+  // A tile product takes 16 cycles on Sapphire Rapids, so a run has 64 times fewer iterations
+  // (~5 ms); best_rate counts kIters per run.
+  constexpr int64_t kTileIters = kIters / 64;
+  constexpr double kFlops = 4 * 2.0 * 16 * 16 * 32;  // per iteration: four products of 16 x 16 x 32
+  return best_rate(num_threads, kFlops * kTileIters / kIters, [](int64_t) { return bf16::amx_chains(kTileIters); });
+}
+
 }  // namespace cpu
 }  // namespace effx

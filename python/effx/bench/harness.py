@@ -79,6 +79,7 @@ class Roofs:
     matmul_dtype: str
     fma_tflops: float = 0.0  # CPUs: fp32 FMA chains on every thread (effx._C.cpu_fma_peak_flops); else 0
     bf16_dot_tflops: float = 0.0  # CPUs with AVX512_BF16: its bf16 dot products, likewise; else 0
+    amx_tflops: float = 0.0  # CPUs with AMX-BF16: its bf16 tile products, likewise; else 0
 
     @property
     def compute_tflops(self) -> float:
@@ -86,8 +87,10 @@ class Roofs:
         return max(self.matmul_tflops, self.fma_tflops)
 
     def compute_tflops_of(self, dtype: str) -> float:
-        """The compute roof of work in ``dtype``: bf16 on a CPU with bf16 dot products has theirs."""
-        return max(self.compute_tflops, self.bf16_dot_tflops if dtype == "bfloat16" else 0.0)
+        """The compute roof of work in ``dtype``: bf16 on a CPU with bf16 dot products or AMX tiles
+        has the faster of theirs."""
+        bf16 = max(self.bf16_dot_tflops, self.amx_tflops) if dtype == "bfloat16" else 0.0
+        return max(self.compute_tflops, bf16)
 
     @property
     def ridge_flop_per_byte(self) -> float:
@@ -99,7 +102,7 @@ _ROOFS: dict[str, Roofs] = {}
 
 def measure_roofs(device: torch.device) -> Roofs:
     """Measure (once per process) the copy bandwidth and matmul rate of ``device``, and on a CPU
-    its fp32 FMA rate and bf16 dot-product rate."""
+    its fp32 FMA rate, bf16 dot-product rate and AMX bf16 tile rate."""
     key = str(device)
     if key in _ROOFS:
         return _ROOFS[key]
@@ -117,9 +120,10 @@ def measure_roofs(device: torch.device) -> Roofs:
     threads = torch.get_num_threads()
     fma = 0.0 if cuda else effx._C.cpu_fma_peak_flops(threads) / 1e12
     dot = 0.0 if cuda else effx._C.cpu_bf16_dot_peak_flops(threads) / 1e12
+    amx = 0.0 if cuda else effx._C.cpu_amx_peak_flops(threads) / 1e12
     roofs = Roofs(device=device_name(device), copy_gbps=2 * nbytes / t_copy / 1e9,
                   matmul_tflops=2 * n**3 / t_mm / 1e12, matmul_dtype=str(dtype).replace("torch.", ""), fma_tflops=fma,
-                  bf16_dot_tflops=dot)
+                  bf16_dot_tflops=dot, amx_tflops=amx)
     _ROOFS[key] = roofs
     return roofs
 

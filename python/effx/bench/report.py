@@ -103,10 +103,11 @@ def plot_roofline(plt, records: list[dict], roofs: dict | None, device: str, pat
                 label=f"roof: copy {roofs['copy_gbps']:.1f} GB/s, compute {_compute_tflops(roofs):.3g} TFLOP/s "
                       f"({_compute_source(roofs)})")
         ax.axvline(ridge, color="gray", ls=":", lw=1)
-        dot = roofs.get("bf16_dot_tflops", 0.0) * 1e12
+        dot = max(roofs.get("bf16_dot_tflops", 0.0), roofs.get("amx_tflops", 0.0)) * 1e12
         if dot > peak:
+            what = "AMX tiles" if roofs.get("amx_tflops", 0.0) >= roofs.get("bf16_dot_tflops", 0.0) else "dot products"
             ax.plot(xs, [min(dot, x * bw) for x in xs], color="black", lw=1, ls="--",
-                    label=f"bf16 dot products {dot / 1e12:.3g} TFLOP/s (bf16 records)")
+                    label=f"bf16 {what} {dot / 1e12:.3g} TFLOP/s (bf16 records)")
     for i, family in enumerate(_families(points)):
         mine = [p for p in points if p["family"] == family]
         ax.scatter([p["flops"] / p["bytes"] for p in mine], [p["flops"] / p["time_s"] for p in mine],
@@ -178,12 +179,13 @@ def _header(doc: dict, data_name: str) -> list[str]:
                   "tensor copy (bytes read + written), matmul rate from a large torch matmul, and on a CPU the "
                   "rate of independent fp32 FMA chains on every thread. The compute roof is the larger of the "
                   "last two (a CPU BLAS may reach half the FMA rate); bf16 records on a CPU with AVX512_BF16 "
-                  "have the rate of its bf16 dot products instead.", ""]
+                  "or AMX have the faster rate of its bf16 dot products and its AMX tile products instead.", ""]
         lines.append(_md_table(["device", "copy GB/s", "matmul TFLOP/s", "matmul dtype", "FMA TFLOP/s",
-                                "bf16 dot TFLOP/s", "ridge FLOP/byte"], [
+                                "bf16 dot TFLOP/s", "AMX bf16 TFLOP/s", "ridge FLOP/byte"], [
             [r["device"], f"{r['copy_gbps']:.1f}", f"{r['matmul_tflops']:.3f}", r["matmul_dtype"],
              f"{r['fma_tflops']:.3f}" if r.get("fma_tflops") else "-",
              f"{r['bf16_dot_tflops']:.3f}" if r.get("bf16_dot_tflops") else "-",
+             f"{r['amx_tflops']:.3f}" if r.get("amx_tflops") else "-",
              f"{_compute_tflops(r) * 1e12 / (r['copy_gbps'] * 1e9):.2f}"] for r in roofs]))
         lines.append("")
     return lines
