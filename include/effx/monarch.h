@@ -8,8 +8,9 @@
 //   out2[j, d]      = sum_c w2[j, d, c] * z[j, c]                          (l blocks)
 //   out[d * l + j]  = out2[j, d]                                           (P2)
 // Accumulation is fp32 for fp32/fp16/bf16 storage and fp64 for Float64 (CPU only). On CPU the
-// intermediate out1 stays fp32 (fp64) and never leaves the row tile being processed; on CUDA
-// see monarch_cuda.h.
+// intermediate out1 stays fp32 (fp64) and never leaves the row tile being processed, except in
+// the bf16 forward of 16 rows or more on CPUs with AVX512_BF16 or AMX, whose stages run on bf16
+// pairs (out1 rounded to bf16 between them, as on CUDA); on CUDA see monarch_cuda.h.
 #pragma once
 
 #include <cstdint>

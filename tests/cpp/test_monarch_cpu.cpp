@@ -1,6 +1,7 @@
 // effx C++ test: Monarch CPU kernels (include/effx/monarch.h), torch-free. Compares forward
 // and backward against a direct float64 evaluation of the formulas in monarch.h, on square,
-// rectangular and odd shapes, strided x, 1 and several threads, in every storage dtype.
+// rectangular and odd shapes, strided x, 1 and several threads, in every storage dtype, and
+// every instruction set this CPU runs.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -117,13 +118,18 @@ void check_shapes() {
   check_all_dtypes({130, 2, 12, 9, 6, 5, 4, 18}, 3);          // l != k, chunked blocks
   check_all_dtypes({150, 20, 3, 5, 20, 4, 3, 103}, 2);        // l past a vector: the P2 transpose
   check_all_dtypes({1, 1, 1, 1, 1, 1, 1, 1}, 2);               // the smallest shape
+  // bf16 on pairs (AVX512_BF16 / AMX): reductions of 18 pairs (a tile's 16 and 2 on vectors)
+  // and 10, a last tile of 36 rows; whole 32-pair reductions and a last tile of 6 rows.
+  check_all_dtypes({100, 4, 40, 36, 8, 22, 20, 150}, 2);
+  check_all_dtypes({70, 2, 64, 64, 2, 64, 64, 128}, 2);
 }
 
 }  // namespace
 
 int main() {
-  // Every instruction-set variant of the kernels this CPU can run, widest last.
-  for (const char* isa : {"baseline", "avx2", "avx512"}) {
+  // Every instruction-set variant of the kernels this CPU can run, widest last (avx512bf16 and
+  // amx: bf16 on pairs, on vectors and on AMX tiles).
+  for (const char* isa : {"baseline", "avx2", "avx512", "avx512bf16", "amx"}) {
     setenv("EFFX_CPU_ISA", isa, 1);
     check_shapes();
     std::printf("monarch cpu (ISA cap %s): ok\n", isa);

@@ -134,6 +134,26 @@ EFFX_BF16_TARGET void pack_rows(int64_t K, int64_t N, const BFloat16* rows, int6
   }
 }
 
+EFFX_BF16_TARGET void transpose_to_bf16(int64_t A, int64_t B, const float* src, BFloat16* dst) {
+  for (int64_t b0 = 0; b0 < B; b0 += 16) {
+    const int64_t nb = std::min<int64_t>(16, B - b0);
+    const __mmask16 out_mask = static_cast<__mmask16>((uint32_t{1} << nb) - 1);
+    for (int64_t a0 = 0; a0 < A; a0 += 16) {
+      const int64_t na = std::min<int64_t>(16, A - a0);
+      const __mmask16 in_mask = static_cast<__mmask16>((uint32_t{1} << na) - 1);
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        r[i] = i < nb ? _mm512_maskz_loadu_epi32(in_mask, src + (b0 + i) * A + a0) : _mm512_setzero_si512();
+      }
+      transpose_words(r);
+      for (int64_t i = 0; i < na; ++i) {
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i]));
+        _mm256_mask_storeu_epi16(dst + (a0 + i) * B + b0, out_mask, reinterpret_cast<__m256i>(h));
+      }
+    }
+  }
+}
+
 EFFX_BF16_TARGET void round_to_bf16(const float* src, int64_t n, int64_t n_padded, BFloat16* dst) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -328,6 +348,7 @@ bool amx_available() { return false; }
 float amx_chains(int64_t) { std::abort(); }
 void pack_columns(int64_t, int64_t, const BFloat16*, int64_t, uint32_t*) { std::abort(); }
 void pack_rows(int64_t, int64_t, const BFloat16*, int64_t, uint32_t*) { std::abort(); }
+void transpose_to_bf16(int64_t, int64_t, const float*, BFloat16*) { std::abort(); }
 void round_to_bf16(const float*, int64_t, int64_t, BFloat16*) { std::abort(); }
 void gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, float, float*, int64_t, bool) {
   std::abort();

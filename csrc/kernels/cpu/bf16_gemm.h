@@ -44,6 +44,10 @@ void pack_columns(int64_t N, int64_t KP, const BFloat16* rows, int64_t ld, uint3
 // (row 2p, row 2p + 1) at j, the missing row of an odd K zero (the values of a block).
 void pack_rows(int64_t K, int64_t N, const BFloat16* rows, int64_t ld, uint32_t* out);
 
+// dst[a * B + b] = src[b * A + a] rounded to bf16 (nearest even) for a < A, b < B: an fp32
+// [B][A] matrix transposed into a bf16 [A][B] one (Monarch's permutations between its stages).
+void transpose_to_bf16(int64_t A, int64_t B, const float* src, BFloat16* dst);
+
 // dst[0, n) = src rounded to bf16 (nearest even), then zeros up to n_padded.
 void round_to_bf16(const float* src, int64_t n, int64_t n_padded, BFloat16* dst);
 

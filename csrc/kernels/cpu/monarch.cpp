@@ -6,12 +6,15 @@
 // per output column group copies to out in whole vectors (the P2 permutation). The forward
 // gives whole tiles to threads when there are enough of them. Otherwise, and in the backward,
 // threads split each tile's stages by weight blocks (row chunks when blocks are fewer than
-// threads), so the weight gradients need no reduction across threads.
+// threads), so the weight gradients need no reduction across threads. The bf16 forward runs on
+// bf16 pairs where the CPU has them (forward_bf16_pairs).
 #include "effx/monarch.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
+#include "bf16_gemm.h"
 #include "block_gemm.h"
 
 namespace effx {
@@ -207,6 +210,57 @@ void backward_impl(const MonarchShape& m, const T* dout, const T* x, const T* w1
   }
 }
 
+// Rows per tile of the bf16 forward: its fp32 out1, bf16 z and fp32 out2 (2.5 MiB at n = 4096)
+// stay in L2 while each packed weight panel serves 64 rows; at least 16 rows (an AMX tile).
+constexpr int64_t kPairTileRows = 64;
+constexpr int64_t kPairMinRows = 16;
+
+// The bf16 forward on bf16 pairs (bf16_gemm.h: AMX tiles, else AVX512_BF16 vectors), where the
+// CPU has them, the reductions have even lengths and x's rows start on pairs: per row tile,
+// stage 1 block by block into fp32 out1 [t][n_mid], P1 as a transpose into bf16 z [t][l][r]
+// (out1 rounded to bf16 between the stages, as on CUDA), stage 2 into fp32 out2 [t][l][s], and
+// P2 as a transpose into out. The weights are packed once per call. False where it does not apply.
+bool forward_bf16_pairs(const MonarchShape& m, const BFloat16* x, const BFloat16* w1, const BFloat16* w2,
+                        BFloat16* out, int num_threads) {
+  if (!bf16::available() || m.rows < kPairMinRows || m.p % 2 != 0 || m.r % 2 != 0 || m.x_row_stride % 2 != 0 ||
+      reinterpret_cast<uintptr_t>(x) % 4 != 0)
+    return false;
+  const int64_t n_mid = m.n_mid(), n_out = m.n_out();
+  const int64_t pw1 = bf16::packed_words(m.q, m.p / 2), pw2 = bf16::packed_words(m.s, m.r / 2);
+  std::vector<uint32_t> w1p(m.k * pw1), w2p(m.l * pw2);
+  const int64_t tile = std::min(kPairTileRows, m.rows);
+  const int64_t tiles = (m.rows + tile - 1) / tile;
+#pragma omp parallel num_threads(threads_for(m, num_threads))
+  {
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < m.k + m.l; ++blk) {
+      if (blk < m.k) bf16::pack_columns(m.q, m.p / 2, w1 + blk * m.q * m.p, m.p, w1p.data() + blk * pw1);
+      else bf16::pack_columns(m.s, m.r / 2, w2 + (blk - m.k) * m.s * m.r, m.r, w2p.data() + (blk - m.k) * pw2);
+    }
+    std::vector<float> out1(tile * n_mid), out2(tile * n_out);
+    std::vector<BFloat16> z(tile * n_mid);
+    const uint32_t* zp = reinterpret_cast<const uint32_t*>(z.data());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t tt = 0; tt < tiles; ++tt) {
+      const int64_t t0 = tt * tile, nt = std::min(tile, m.rows - t0);
+      const uint32_t* xp = reinterpret_cast<const uint32_t*>(x + t0 * m.x_row_stride);
+      for (int64_t i = 0; i < m.k; ++i) {
+        bf16::gemm(nt, m.q, m.p / 2, xp + i * m.p / 2, m.x_row_stride / 2, w1p.data() + i * pw1, 1.0f,
+                   out1.data() + i * m.q, n_mid, false);
+      }
+      for (int64_t t = 0; t < nt; ++t) bf16::transpose_to_bf16(m.l, m.r, out1.data() + t * n_mid, z.data() + t * n_mid);
+      for (int64_t j = 0; j < m.l; ++j) {
+        bf16::gemm(nt, m.s, m.r / 2, zp + j * m.r / 2, n_mid / 2, w2p.data() + j * pw2, 1.0f, out2.data() + j * m.s,
+                   n_out, false);
+      }
+      for (int64_t t = 0; t < nt; ++t) {
+        bf16::transpose_to_bf16(m.s, m.l, out2.data() + t * n_out, out + (t0 + t) * n_out);
+      }
+    }
+  }
+  return true;
+}
+
 template <typename T>
 void forward_typed(const MonarchShape& m, const void* x, const void* w1, const void* w2,
                    void* out, int num_threads) {
@@ -214,6 +268,9 @@ void forward_typed(const MonarchShape& m, const void* x, const void* w1, const v
   const T* w1t = static_cast<const T*>(w1);
   const T* w2t = static_cast<const T*>(w2);
   T* ot = static_cast<T*>(out);
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (forward_bf16_pairs(m, xt, w1t, w2t, ot, num_threads)) return;
+  }
   switch (block_gemm::best_isa()) {
     case block_gemm::Isa::Avx512:
       return forward_impl<isa_avx512::Kernels>(m, xt, w1t, w2t, ot, num_threads);
