@@ -1,11 +1,12 @@
 // effx C++ test: DejaVu sparse MLP CPU kernels (include/effx/sparse.h), torch-free. Checks the
 // gathered up projection (every activation, gated, biases, rows_per_index 2) and the down
 // projection against a double-precision loop over the selected rows, shared and per-row index
-// sets, empty sets, bitwise equality of the down projection for 1, 2 and 3 threads, and the
-// index validation.
+// sets, empty sets, bitwise equality of the down projection for 1, 2 and 3 threads, the bf16
+// GEMM path of larger batches, and the index validation.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -90,6 +91,70 @@ void test_case(const Case& c, Activation act, int threads) {
   }
 }
 
+// bf16 through both projections: from 16 rows with one index set these run as GEMMs on bf16
+// pairs (AMX tiles or AVX512_BF16 where the CPU has them; the dot products otherwise), checked
+// against double sums of the same bf16 values under each ISA cap, the down projection also
+// bitwise across thread counts. Shapes: odd and even selections past one 256-row block, d past
+// one column slice, rows_per_index 2, gated and not.
+void test_bf16(const Case& c, Activation act) {
+  using effx::BFloat16;
+  std::mt19937 rng(static_cast<unsigned>(c.batch * 17 + c.d + c.k));
+  std::normal_distribution<float> dist;
+  const int64_t n = c.n_units * c.R, K = c.k * c.R, x_stride = c.d + 6;
+  auto draw = [&](int64_t size, float scale) {
+    std::vector<BFloat16> v(size);
+    for (auto& e : v) e = effx::from_float<BFloat16>(dist(rng) * scale);
+    return v;
+  };
+  const auto x = draw(c.batch * x_stride, 1.0f), w = draw(n * c.d, 0.1f), wg = draw(n * c.d, 0.1f),
+             w2 = draw(n * c.d, 0.1f), bu = draw(n, 0.3f), bg = draw(n, 0.3f), b2 = draw(c.d, 0.3f);
+  const auto idx = make_sets(c, rng);
+  auto f = [](BFloat16 v) { return static_cast<double>(effx::to_float(v)); };
+  for (const char* isa : {"amx", "avx512bf16", "avx512"}) {
+    setenv("EFFX_CPU_ISA", isa, 1);
+    std::vector<BFloat16> h(c.batch * K), y(c.batch * c.d);
+    const effx::SparseUpShape up{c.batch, c.d, c.k, c.R, x_stride, c.d, 0};
+    effx::cpu::sparse_mlp_up(up, DType::BFloat16, act, x.data(), w.data(), c.gated ? wg.data() : nullptr,
+                             c.bias ? bu.data() : nullptr, c.bias && c.gated ? bg.data() : nullptr, idx.data(),
+                             h.data(), 2);
+    const effx::SparseDownShape down{c.batch, c.d, c.k, c.R, K, c.d, 0};
+    effx::cpu::sparse_mlp_down(down, DType::BFloat16, h.data(), w2.data(), c.bias ? b2.data() : nullptr, idx.data(),
+                               y.data(), 2);
+    for (int64_t b = 0; b < c.batch; ++b) {
+      std::vector<double> yr(c.d);
+      for (int64_t col = 0; col < c.d; ++col) yr[col] = c.bias ? f(b2[col]) : 0.0;
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t row = idx[j / c.R] * c.R + j % c.R;
+        double u = c.bias ? f(bu[row]) : 0.0, g = c.bias && c.gated ? f(bg[row]) : 0.0;
+        for (int64_t col = 0; col < c.d; ++col) {
+          u += f(x[b * x_stride + col]) * f(w[row * c.d + col]);
+          g += f(x[b * x_stride + col]) * f(wg[row * c.d + col]);
+        }
+        const double want = c.gated ? act_ref(act, g) * u : act_ref(act, u);
+        const double got = f(h[b * K + j]);
+        EFFX_EXPECT(std::fabs(got - want) <= 8e-3 * (1 + std::fabs(want)), "%s bf16 up b %lld j %lld: %g vs %g", isa,
+                    static_cast<long long>(b), static_cast<long long>(j), got, want);
+        for (int64_t col = 0; col < c.d; ++col) yr[col] += got * f(w2[row * c.d + col]);
+      }
+      for (int64_t col = 0; col < c.d; ++col) {
+        EFFX_EXPECT(std::fabs(f(y[b * c.d + col]) - yr[col]) <= 8e-3 * (1 + std::fabs(yr[col])),
+                    "%s bf16 down b %lld col %lld: %g vs %g", isa, static_cast<long long>(b),
+                    static_cast<long long>(col), f(y[b * c.d + col]), yr[col]);
+      }
+    }
+    for (int threads : {1, 3}) {
+      std::vector<BFloat16> y2(c.batch * c.d);
+      effx::cpu::sparse_mlp_down(down, DType::BFloat16, h.data(), w2.data(), c.bias ? b2.data() : nullptr, idx.data(),
+                                 y2.data(), threads);
+      for (int64_t i = 0; i < c.batch * c.d; ++i) {
+        EFFX_EXPECT(y2[i].bits == y[i].bits, "%s bf16 down, %d threads: element %lld differs", isa, threads,
+                    static_cast<long long>(i));
+      }
+    }
+  }
+  unsetenv("EFFX_CPU_ISA");
+}
+
 void test_down_bitwise_across_threads() {
   std::mt19937 rng(5);
   std::normal_distribution<float> dist;
@@ -146,6 +211,9 @@ int main() {
   test_case({4, 64, 12, 5, 2, false, false, false}, Activation::None, 2);  // attention-head blocks
   test_case({6, 300, 64, 40, 3, true, true, false}, Activation::Silu, 3);
   test_case({9, 700, 120, 100, 1, false, true, true}, Activation::Silu, 2);  // threaded, batch tiles
+  test_bf16({20, 300, 400, 301, 1, false, true, true}, Activation::Silu);
+  test_bf16({37, 96, 200, 150, 2, false, false, false}, Activation::Gelu);
+  test_bf16({16, 130, 70, 33, 1, false, false, true}, Activation::Relu);
   std::printf("sparse_cpu: ok\n");
   return 0;
 }

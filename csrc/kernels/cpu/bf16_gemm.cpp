@@ -86,7 +86,9 @@ EFFX_BF16_TARGET inline void transpose_words(__m512i (&r)[16]) {
 
 }  // namespace
 
-EFFX_BF16_TARGET void pack_columns(int64_t N, int64_t KP, const BFloat16* rows, int64_t ld, uint32_t* out) {
+// pack_columns over rows found by row(j).
+template <class Row>
+EFFX_BF16_TARGET void pack_columns_of(int64_t N, int64_t KP, Row row, uint32_t* out) {
   // 16 rows x 16 pairs at a time: loaded as rows, stored as the panel's columns.
   for (int64_t q0 = 0; q0 < N; q0 += kPanel) {
     uint32_t* panel = out + q0 * KP;
@@ -97,7 +99,7 @@ EFFX_BF16_TARGET void pack_columns(int64_t N, int64_t KP, const BFloat16* rows, 
         const __mmask16 m = static_cast<__mmask16>((uint32_t{1} << np) - 1);
         __m512i r[16];
         for (int64_t j = 0; j < 16; ++j) {
-          r[j] = j < nr ? _mm512_maskz_loadu_epi32(m, rows + (q0 + h + j) * ld + 2 * p0) : _mm512_setzero_si512();
+          r[j] = j < nr ? _mm512_maskz_loadu_epi32(m, row(q0 + h + j) + 2 * p0) : _mm512_setzero_si512();
         }
         transpose_words(r);
         for (int64_t i = 0; i < np; ++i) _mm512_storeu_si512(panel + (p0 + i) * kPanel + h, r[i]);
@@ -106,7 +108,17 @@ EFFX_BF16_TARGET void pack_columns(int64_t N, int64_t KP, const BFloat16* rows, 
   }
 }
 
-EFFX_BF16_TARGET void pack_rows(int64_t K, int64_t N, const BFloat16* rows, int64_t ld, uint32_t* out) {
+void pack_columns(int64_t N, int64_t KP, const BFloat16* rows, int64_t ld, uint32_t* out) {
+  pack_columns_of(N, KP, [=](int64_t j) { return rows + j * ld; }, out);
+}
+
+void pack_columns(int64_t N, int64_t KP, const BFloat16* const* rows, uint32_t* out) {
+  pack_columns_of(N, KP, [=](int64_t j) { return rows[j]; }, out);
+}
+
+// pack_rows over rows found by row(k).
+template <class Row>
+EFFX_BF16_TARGET void pack_rows_of(int64_t K, int64_t N, Row row, uint32_t* out) {
   // Interleaving two rows of 16 columns into 16 pairs: lanes 0-15 of the 32 16-bit lanes are row 2p's,
   // 16-31 row 2p+1's; the result takes column j of each in turn.
   __m512i idx;
@@ -118,8 +130,8 @@ EFFX_BF16_TARGET void pack_rows(int64_t K, int64_t N, const BFloat16* rows, int6
   std::memcpy(&idx, order, sizeof idx);
   const int64_t KP = (K + 1) / 2;
   for (int64_t p = 0; p < KP; ++p) {
-    const BFloat16* r0 = rows + 2 * p * ld;
-    const BFloat16* r1 = 2 * p + 1 < K ? r0 + ld : nullptr;
+    const BFloat16* r0 = row(2 * p);
+    const BFloat16* r1 = 2 * p + 1 < K ? row(2 * p + 1) : nullptr;
     for (int64_t q0 = 0; q0 < N; q0 += kPanel) {
       uint32_t* dst = out + q0 * KP + p * kPanel;
       const int64_t nq = std::min(kPanel, N - q0);
@@ -132,6 +144,14 @@ EFFX_BF16_TARGET void pack_rows(int64_t K, int64_t N, const BFloat16* rows, int6
       }
     }
   }
+}
+
+void pack_rows(int64_t K, int64_t N, const BFloat16* rows, int64_t ld, uint32_t* out) {
+  pack_rows_of(K, N, [=](int64_t k) { return rows + k * ld; }, out);
+}
+
+void pack_rows(int64_t K, int64_t N, const BFloat16* const* rows, uint32_t* out) {
+  pack_rows_of(K, N, [=](int64_t k) { return rows[k]; }, out);
 }
 
 EFFX_BF16_TARGET void transpose_to_bf16(int64_t A, int64_t B, const float* src, BFloat16* dst) {
@@ -347,7 +367,9 @@ bool available() { return false; }
 bool amx_available() { return false; }
 float amx_chains(int64_t) { std::abort(); }
 void pack_columns(int64_t, int64_t, const BFloat16*, int64_t, uint32_t*) { std::abort(); }
+void pack_columns(int64_t, int64_t, const BFloat16* const*, uint32_t*) { std::abort(); }
 void pack_rows(int64_t, int64_t, const BFloat16*, int64_t, uint32_t*) { std::abort(); }
+void pack_rows(int64_t, int64_t, const BFloat16* const*, uint32_t*) { std::abort(); }
 void transpose_to_bf16(int64_t, int64_t, const float*, BFloat16*) { std::abort(); }
 void round_to_bf16(const float*, int64_t, int64_t, BFloat16*) { std::abort(); }
 void gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, float, float*, int64_t, bool) {

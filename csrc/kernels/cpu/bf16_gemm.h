@@ -39,10 +39,14 @@ inline int64_t packed_words(int64_t N, int64_t KP) { return (N + kPanel - 1) / k
 // Packed B from N rows of 2 KP contiguous bf16 (row j at rows + j * ld): B[p][j] = pair p of row j
 // (the keys of a block, whose rows are the columns of K^T).
 void pack_columns(int64_t N, int64_t KP, const BFloat16* rows, int64_t ld, uint32_t* out);
+// The same with row j at rows[j] (gathered rows: DejaVu's selected neurons).
+void pack_columns(int64_t N, int64_t KP, const BFloat16* const* rows, uint32_t* out);
 
 // Packed B from K rows of N contiguous bf16 (row k at rows + k * ld): pair p of column j is
 // (row 2p, row 2p + 1) at j, the missing row of an odd K zero (the values of a block).
 void pack_rows(int64_t K, int64_t N, const BFloat16* rows, int64_t ld, uint32_t* out);
+// The same with row k at rows[k].
+void pack_rows(int64_t K, int64_t N, const BFloat16* const* rows, uint32_t* out);
 
 // dst[a * B + b] = src[b * A + a] rounded to bf16 (nearest even) for a < A, b < B: an fp32
 // [B][A] matrix transposed into a bf16 [A][B] one (Monarch's permutations between its stages).

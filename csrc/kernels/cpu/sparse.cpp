@@ -10,6 +10,8 @@
 // per pass with kLanes columns held in registers. Column slices do
 // not depend on the thread count, so every output element sees the same additions in the same
 // order on any number of threads: bitwise reproducible, no atomics.
+// bf16 batches of 16 rows or more with one index set run both projections as GEMMs on bf16
+// pairs instead (up_pairs, down_pairs), with the same column slices in the down projection.
 #include "effx/sparse.h"
 
 #include <algorithm>
@@ -18,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16_gemm.h"
 #include "half_bits.h"
 
 // The hot loops are compiled for AVX-512 and AVX2 as well as the baseline; the loader picks the
@@ -366,6 +369,97 @@ void down_impl(const SparseDownShape& s, const T* h, const T* w, const T* bias,
   }
 }
 
+// bf16 with one index set for a batch of at least this many rows, on CPUs with AVX512_BF16:
+// both projections as GEMMs on bf16 pairs (bf16_gemm.h, on AMX tiles where the CPU has them),
+// the selected weight rows packed per unit of work. Fewer rows stay on the dot products above,
+// which read each weight once at the rate memory gives it.
+constexpr int64_t kPairMinBatch = 16;
+// Selected neurons per up unit; output columns per down unit are kColumns, its selected rows
+// added kPairRows at a time (a packed panel block that stays in L2).
+constexpr int64_t kPairNeurons = 64;
+constexpr int64_t kPairRows = 256;
+
+bool pairs_apply(int64_t batch, bool shared) {
+  return shared && batch >= kPairMinBatch && bf16::available();
+}
+
+// The rows of m (n values each, at stride ld) as bf16 pairs: contiguous rows of
+// round_up(n, 2) values, a zero in the pad (so an odd reduction reads 0 x 0).
+std::vector<uint32_t> as_pairs(const BFloat16* m, int64_t rows, int64_t n, int64_t ld) {
+  const int64_t np = (n + 1) / 2;
+  std::vector<uint32_t> out(rows * np, 0u);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(out.data() + r * np, m + r * ld, n * sizeof(BFloat16));
+  return out;
+}
+
+void up_pairs(const SparseUpShape& s, Activation act, const BFloat16* x, const BFloat16* w_up,
+              const BFloat16* w_gate, const BFloat16* b_up, const BFloat16* b_gate, const int64_t* idx,
+              BFloat16* h, int num_threads) {
+  const int64_t R = s.rows_per_index, K = s.k * R, DP = s.d / 2;
+  const std::vector<uint32_t> xp = as_pairs(x, s.batch, s.d, s.x_row_stride);
+  const int64_t units = (K + kPairNeurons - 1) / kPairNeurons;
+#pragma omp parallel num_threads(threads_for(s.batch * K * s.d, num_threads))
+  {
+    std::vector<uint32_t> packed(bf16::packed_words(kPairNeurons, DP));
+    std::vector<float> up(s.batch * kPairNeurons), gate(w_gate ? s.batch * kPairNeurons : 0);
+    const BFloat16* rows[kPairNeurons];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t j0 = u * kPairNeurons, nj = std::min(kPairNeurons, K - j0);
+      auto row_of = [&](int64_t j) { return idx[j / R] * R + j % R; };
+      for (int64_t j = 0; j < nj; ++j) rows[j] = w_up + row_of(j0 + j) * s.w_row_stride;
+      bf16::pack_columns(nj, DP, rows, packed.data());
+      bf16::gemm(s.batch, nj, DP, xp.data(), DP, packed.data(), 1.0f, up.data(), kPairNeurons, false);
+      if (w_gate) {
+        for (int64_t j = 0; j < nj; ++j) rows[j] = w_gate + row_of(j0 + j) * s.w_row_stride;
+        bf16::pack_columns(nj, DP, rows, packed.data());
+        bf16::gemm(s.batch, nj, DP, xp.data(), DP, packed.data(), 1.0f, gate.data(), kPairNeurons, false);
+      }
+      for (int64_t j = 0; j < nj; ++j) {
+        const int64_t row = row_of(j0 + j);
+        const float bu = b_up ? to_float(b_up[row]) : 0.0f;
+        const float bg = b_gate ? to_float(b_gate[row]) : 0.0f;
+        for (int64_t b = 0; b < s.batch; ++b) {
+          const float vu = up[b * kPairNeurons + j] + bu;
+          const float v = w_gate ? activate(act, gate[b * kPairNeurons + j] + bg) * vu : activate(act, vu);
+          h[b * K + j0 + j] = from_float<BFloat16>(v);
+        }
+      }
+    }
+  }
+}
+
+void down_pairs(const SparseDownShape& s, const BFloat16* h, const BFloat16* w, const BFloat16* bias,
+                const int64_t* idx, BFloat16* y, int num_threads) {
+  const int64_t R = s.rows_per_index, K = s.k * R, KP = (K + 1) / 2;
+  const std::vector<uint32_t> hp = as_pairs(h, s.batch, K, s.h_row_stride);
+  const int64_t slices = (s.d + kColumns - 1) / kColumns;
+#pragma omp parallel num_threads(threads_for(s.batch * K * s.d, num_threads))
+  {
+    std::vector<uint32_t> packed(bf16::packed_words(kColumns, kPairRows / 2));
+    std::vector<float> acc(s.batch * kColumns);
+    std::vector<const BFloat16*> rows(kPairRows);
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < slices; ++u) {
+      const int64_t c0 = u * kColumns, len = std::min(kColumns, s.d - c0);
+      // Fixed blocks of selected rows, in index order: the same additions on any thread count.
+      for (int64_t j0 = 0; j0 < K; j0 += kPairRows) {
+        const int64_t nj = std::min(kPairRows, K - j0);
+        for (int64_t j = 0; j < nj; ++j) rows[j] = w + (idx[(j0 + j) / R] * R + (j0 + j) % R) * s.w_row_stride + c0;
+        bf16::pack_rows(nj, len, rows.data(), packed.data());
+        bf16::gemm(s.batch, len, (nj + 1) / 2, hp.data() + j0 / 2, KP, packed.data(), 1.0f, acc.data(), kColumns,
+                   j0 > 0);
+      }
+      for (int64_t b = 0; b < s.batch; ++b) {
+        for (int64_t c = 0; c < len; ++c) {
+          const float v = acc[b * kColumns + c];
+          y[b * s.d + c0 + c] = from_float<BFloat16>(bias ? v + to_float(bias[c0 + c]) : v);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 IndexCheck check_indices(const int64_t* idx, int64_t sets, int64_t k, int64_t set_stride,
@@ -399,6 +493,11 @@ void sparse_mlp_up(const SparseUpShape& s, DType dtype, Activation act, const vo
                      static_cast<const Half*>(w_gate), static_cast<const Half*>(b_up),
                      static_cast<const Half*>(b_gate), idx, static_cast<Half*>(h), num_threads);
     case DType::BFloat16:
+      if (pairs_apply(s.batch, s.idx_row_stride == 0) && s.d % 2 == 0) {
+        return up_pairs(s, act, static_cast<const BFloat16*>(x), static_cast<const BFloat16*>(w_up),
+                        static_cast<const BFloat16*>(w_gate), static_cast<const BFloat16*>(b_up),
+                        static_cast<const BFloat16*>(b_gate), idx, static_cast<BFloat16*>(h), num_threads);
+      }
       return up_impl(s, act, static_cast<const BFloat16*>(x), static_cast<const BFloat16*>(w_up),
                      static_cast<const BFloat16*>(w_gate), static_cast<const BFloat16*>(b_up),
                      static_cast<const BFloat16*>(b_gate), idx, static_cast<BFloat16*>(h),
@@ -418,6 +517,10 @@ void sparse_mlp_down(const SparseDownShape& s, DType dtype, const void* h, const
       return down_impl(s, static_cast<const Half*>(h), static_cast<const Half*>(w_down_t),
                        static_cast<const Half*>(b_down), idx, static_cast<Half*>(y), num_threads);
     case DType::BFloat16:
+      if (pairs_apply(s.batch, s.idx_row_stride == 0)) {
+        return down_pairs(s, static_cast<const BFloat16*>(h), static_cast<const BFloat16*>(w_down_t),
+                          static_cast<const BFloat16*>(b_down), idx, static_cast<BFloat16*>(y), num_threads);
+      }
       return down_impl(s, static_cast<const BFloat16*>(h), static_cast<const BFloat16*>(w_down_t),
                        static_cast<const BFloat16*>(b_down), idx, static_cast<BFloat16*>(y),
                        num_threads);
