@@ -5,6 +5,8 @@ The op column names the baseline: ``fwd:linear``, ``fwd:2bmm``, ``f+b:linear``, 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from effx.bench.harness import Record, measure_roofs, median_time
@@ -39,11 +41,13 @@ def _cases(device: torch.device, quick: bool):
 
 def run(device: torch.device, quick: bool = False) -> list[Record]:
     roofs = measure_roofs(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = str(dtype).replace("torch.", "")
+    # CPUs: fp32, and bf16 too where the CPU has bf16 units (AVX512_BF16 or AMX)
+    dtypes = [torch.bfloat16] if device.type == "cuda" else (
+        [torch.float32] + ([torch.bfloat16] if roofs.bf16_dot_tflops or roofs.amx_tflops else []))
     runs = 20 if device.type == "cuda" else 5
     records = []
-    for n, nblocks, tokens in _cases(device, quick):
+    for (n, nblocks, tokens), dtype in itertools.product(_cases(device, quick), dtypes):
+        name = str(dtype).replace("torch.", "")
         b = n // nblocks
         x = torch.randn(tokens, n, device=device, dtype=dtype)
         w1 = torch.randn(nblocks, b, b, device=device, dtype=dtype) / b**0.5
