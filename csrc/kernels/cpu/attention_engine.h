@@ -27,6 +27,7 @@
 #include "bf16_gemm.h"
 #include "block_gemm.h"
 #include "effx/attention.h"
+#include "exp512.h"
 
 namespace effx {
 namespace cpu {

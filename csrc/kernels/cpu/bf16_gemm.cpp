@@ -3,6 +3,8 @@
 // available() said so.
 #include "bf16_gemm.h"
 
+#include "exp512.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -172,6 +174,25 @@ EFFX_BF16_TARGET void transpose_to_bf16(int64_t A, int64_t B, const float* src, 
       }
     }
   }
+}
+
+EFFX_BF16_TARGET float exp_shifted_sum(const float* s, int64_t n, float mx, BFloat16* p, int64_t n_padded) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 m = _mm512_set1_ps(mx);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = static_cast<__mmask16>((uint32_t{1} << std::min<int64_t>(16, n - j)) - 1);
+    // missing lanes: -inf, exp 0
+    const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), k, s + j);
+    const __m512 e = exp512_nonpositive(_mm512_sub_ps(x, m));
+    acc = _mm512_add_ps(acc, e);
+    _mm256_mask_storeu_epi16(p + j, k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+  }
+  for (int64_t t = n; t < n_padded; ++t) p[t].bits = 0;
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, acc);
+  float sum = 0.0f;
+  for (float v : lanes) sum += v;
+  return sum;
 }
 
 EFFX_BF16_TARGET void round_to_bf16(const float* src, int64_t n, int64_t n_padded, BFloat16* dst) {
@@ -371,6 +392,7 @@ void pack_columns(int64_t, int64_t, const BFloat16* const*, uint32_t*) { std::ab
 void pack_rows(int64_t, int64_t, const BFloat16*, int64_t, uint32_t*) { std::abort(); }
 void pack_rows(int64_t, int64_t, const BFloat16* const*, uint32_t*) { std::abort(); }
 void transpose_to_bf16(int64_t, int64_t, const float*, BFloat16*) { std::abort(); }
+float exp_shifted_sum(const float*, int64_t, float, BFloat16*, int64_t) { std::abort(); }
 void round_to_bf16(const float*, int64_t, int64_t, BFloat16*) { std::abort(); }
 void gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, float, float*, int64_t, bool) {
   std::abort();
