@@ -3,8 +3,8 @@
 // 1 to 6 rows and row blocks of 16 to 32 (full, partial, and a zero-padded edge), partial
 // panels, reductions of fewer pairs than a tile, not a multiple of a tile's 16 pairs (the rest
 // on vectors) and odd (a zero missing row), a scale on the product, accumulation, operands
-// packed from key-like rows and value-like rows, and the rounding of probabilities to bf16
-// (nearest even). Skips (exit 77) on a CPU without AVX512_BF16.
+// packed from key-like rows and value-like rows, sums of 0, 1 and 3 products (gemm_sum), and
+// the rounding of probabilities to bf16 (nearest even). Skips (exit 77) on a CPU without AVX512_BF16.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -62,6 +62,40 @@ void check(int64_t M, int64_t N, int64_t K, bool keys, bool accumulate, std::mt1
   }
 }
 
+// gemm_sum: `terms` products with A_t at its own column offset of one row-major matrix and B_t
+// packed from its own key-like rows, against a float64 sum (0 terms: zeros, or c unchanged).
+void check_sum(int64_t M, int64_t N, int64_t K, int64_t terms, bool accumulate, std::mt19937& rng) {
+  const int64_t KP = K / 2, width = (terms + 1) * K;  // A_t: columns [t K, (t + 1) K) of a wider A
+  std::vector<BFloat16> a = random_bf16(M * width, rng);
+  std::vector<BFloat16> b = random_bf16(std::max<int64_t>(terms, 1) * N * K, rng);
+  std::vector<uint32_t> packed(std::max<int64_t>(terms, 1) * bf::packed_words(N, KP)), words(M * width / 2);
+  std::vector<const uint32_t*> a_t, b_t;
+  std::memcpy(words.data(), a.data(), words.size() * 4);
+  for (int64_t t = 0; t < terms; ++t) {
+    uint32_t* bp = packed.data() + t * bf::packed_words(N, KP);
+    bf::pack_columns(N, KP, b.data() + t * N * K, K, bp);
+    a_t.push_back(words.data() + t * KP);
+    b_t.push_back(bp);
+  }
+  const int64_t ldc = N + 1;
+  std::vector<float> c(M * ldc, 0.25f);
+  bf::gemm_sum(M, N, KP, terms, a_t.data(), width / 2, b_t.data(), 1.0f, c.data(), ldc, accumulate);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < N; ++j) {
+      double dot = accumulate ? 0.25 : 0.0, mag = 1.0;
+      for (int64_t t = 0; t < terms; ++t) {
+        for (int64_t k = 0; k < K; ++k) {
+          const double p = effx::to_float(a[m * width + t * K + k]) * effx::to_float(b[(t * N + j) * K + k]);
+          dot += p;
+          mag += std::fabs(p);
+        }
+      }
+      EFFX_EXPECT(std::fabs(c[m * ldc + j] - dot) <= 1e-6 * mag, "gemm_sum M=%lld N=%lld K=%lld terms=%lld (%lld, %lld): got %g, want %g",
+                  (long long)M, (long long)N, (long long)K, (long long)terms, (long long)m, (long long)j, c[m * ldc + j], dot);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -81,6 +115,9 @@ int main() {
       for (int64_t N : {3, 32, 45, 128}) {
         for (int64_t K : {2, 64, 128, 80}) check(M, N, K, true, M % 2 == 1, rng);
         for (int64_t K : {1, 3, 22, 128, 75}) check(M, N, K, false, M % 2 == 0, rng);
+      }
+      for (int64_t terms : {0, 1, 3}) {
+        for (int64_t K : {16, 32, 40}) check_sum(M, 32, K, terms, terms == 1, rng);
       }
     }
   }

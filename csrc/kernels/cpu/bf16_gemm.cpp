@@ -277,8 +277,10 @@ struct alignas(64) TileConfig {
 
 constexpr int64_t kTile = 16;  // rows of every tile, and pairs (or fp32 columns) in its 64 bytes
 
-EFFX_AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda,
-                              const uint32_t* packed, float alpha, float* c, int64_t ldc, bool accumulate) {
+// The sum over `terms` products A_t B_t, all of KP pairs (one product: terms 1).
+EFFX_AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t KP, int64_t terms, const uint32_t* const* a,
+                              int64_t lda, const uint32_t* const* packed, float alpha, float* c, int64_t ldc,
+                              bool accumulate) {
   const int64_t kp = KP / kTile * kTile;
   TileConfig config;
   for (int t = 0; t < 8; ++t) {
@@ -293,31 +295,34 @@ EFFX_AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* 
   const __m512 scale = _mm512_set1_ps(alpha);
   for (int64_t m0 = 0; m0 < M; m0 += 2 * kTile) {
     const int64_t mr = std::min(2 * kTile, M - m0);
-    const uint32_t* am = a + m0 * lda;
     int64_t la = lda;
+    auto rows_of = [&](int64_t t) { return a[t] + m0 * lda; };
     if (mr < 2 * kTile) {
-      edge.assign(2 * kTile * kp, 0u);
-      for (int64_t r = 0; r < mr; ++r) std::memcpy(edge.data() + r * kp, am + r * lda, kp * 4);
-      am = edge.data();
+      edge.assign(terms * 2 * kTile * kp, 0u);
+      for (int64_t t = 0; t < terms; ++t)
+        for (int64_t r = 0; r < mr; ++r) std::memcpy(edge.data() + (t * 2 * kTile + r) * kp, rows_of(t) + r * lda, kp * 4);
       la = kp;
     }
     const bool two = mr > kTile;
     for (int64_t q0 = 0; q0 < N; q0 += kPanel) {
-      const uint32_t* bp = packed + q0 * KP;
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (int64_t p0 = 0; p0 < kp; p0 += kTile) {
-        _tile_loadd(4, am + p0, la * 4);
-        _tile_loadd(6, bp + p0 * kPanel, kPanel * 4);
-        _tile_loadd(7, bp + p0 * kPanel + kTile, kPanel * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if (two) {
-          _tile_loadd(5, am + kTile * la + p0, la * 4);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+      for (int64_t t = 0; t < terms; ++t) {
+        const uint32_t* am = mr < 2 * kTile ? edge.data() + t * 2 * kTile * kp : rows_of(t);
+        const uint32_t* bp = packed[t] + q0 * KP;
+        for (int64_t p0 = 0; p0 < kp; p0 += kTile) {
+          _tile_loadd(4, am + p0, la * 4);
+          _tile_loadd(6, bp + p0 * kPanel, kPanel * 4);
+          _tile_loadd(7, bp + p0 * kPanel + kTile, kPanel * 4);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two) {
+            _tile_loadd(5, am + kTile * la + p0, la * 4);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
         }
       }
       _tile_stored(0, &out[0][0], kPanel * 4);
@@ -343,7 +348,9 @@ EFFX_AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* 
     }
   }
   _tile_release();  // back to the init state: context switches need not save 8 KB of tiles
-  if (kp < KP) vector_gemm(M, N, kp, KP, KP, a, lda, packed, alpha, c, ldc, true);
+  if (kp < KP) {
+    for (int64_t t = 0; t < terms; ++t) vector_gemm(M, N, kp, KP, KP, a[t], lda, packed[t], alpha, c, ldc, true);
+  }
 }
 
 }  // namespace
@@ -378,8 +385,19 @@ EFFX_AMX_TARGET float amx_chains(int64_t iters) {
 
 void gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* packed, float alpha,
           float* c, int64_t ldc, bool accumulate) {
-  if (M >= kTile && KP >= kTile && amx_available()) return amx_gemm(M, N, KP, a, lda, packed, alpha, c, ldc, accumulate);
-  vector_gemm(M, N, 0, KP, KP, a, lda, packed, alpha, c, ldc, accumulate);
+  gemm_sum(M, N, KP, 1, &a, lda, &packed, alpha, c, ldc, accumulate);
+}
+
+void gemm_sum(int64_t M, int64_t N, int64_t KP, int64_t terms, const uint32_t* const* a, int64_t lda,
+              const uint32_t* const* packed, float alpha, float* c, int64_t ldc, bool accumulate) {
+  if (terms == 0) {  // an empty sum
+    for (int64_t m = 0; m < M && !accumulate; ++m) std::fill(c + m * ldc, c + m * ldc + N, 0.0f);
+    return;
+  }
+  if (M >= kTile && KP >= kTile && amx_available()) {
+    return amx_gemm(M, N, KP, terms, a, lda, packed, alpha, c, ldc, accumulate);
+  }
+  for (int64_t t = 0; t < terms; ++t) vector_gemm(M, N, 0, KP, KP, a[t], lda, packed[t], alpha, c, ldc, accumulate || t > 0);
 }
 
 #else  // no AVX512_BF16 on this architecture: available() is false and nothing else is called
@@ -395,6 +413,10 @@ void transpose_to_bf16(int64_t, int64_t, const float*, BFloat16*) { std::abort()
 float exp_shifted_sum(const float*, int64_t, float, BFloat16*, int64_t) { std::abort(); }
 void round_to_bf16(const float*, int64_t, int64_t, BFloat16*) { std::abort(); }
 void gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, float, float*, int64_t, bool) {
+  std::abort();
+}
+void gemm_sum(int64_t, int64_t, int64_t, int64_t, const uint32_t* const*, int64_t, const uint32_t* const*, float,
+              float*, int64_t, bool) {
   std::abort();
 }
 

@@ -65,6 +65,12 @@ void round_to_bf16(const float* src, int64_t n, int64_t n_padded, BFloat16* dst)
 void gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* packed, float alpha,
           float* c, int64_t ldc, bool accumulate);
 
+// The same for a sum of `terms` products: c (+)= alpha * sum_t A_t B_t, A_t's row m at
+// a[t] + m * lda and B_t packed at packed[t], every product over KP pairs (block-sparse rows:
+// one term per stored block), accumulated in the tiles before one store.
+void gemm_sum(int64_t M, int64_t N, int64_t KP, int64_t terms, const uint32_t* const* a, int64_t lda,
+              const uint32_t* const* packed, float alpha, float* c, int64_t ldc, bool accumulate);
+
 }  // namespace bf16
 }  // namespace cpu
 }  // namespace effx

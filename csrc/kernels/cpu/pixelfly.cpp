@@ -2,12 +2,15 @@
 // include/effx/pixelfly.h). Rows are processed in tiles; a thread owns a block-row of the
 // output (forward) or a block-column of grad_x (backward), summing its blocks' products in an
 // fp32 tile before one rounding store, so no two threads write the same values. grad_blocks
-// is one small GEMM per stored block over all rows, parallel over blocks.
+// is one small GEMM per stored block over all rows, parallel over blocks. The bf16 forward runs
+// on bf16 pairs where the CPU has them (forward_bf16_pairs).
 #include "effx/pixelfly.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
+#include "bf16_gemm.h"
 #include "block_gemm.h"
 
 namespace effx {
@@ -111,12 +114,58 @@ void backward_impl(const BlockSparseShape& s, const T* dout, const T* x, const T
   }
 }
 
+// Rows per tile of the bf16 forward, and the fewest rows it takes (an AMX tile).
+constexpr int64_t kPairTileRows = 64;
+constexpr int64_t kPairMinRows = 16;
+
+// The bf16 forward on bf16 pairs (bf16_gemm.h: AMX tiles, else AVX512_BF16 vectors) where the
+// CPU has them, the block size is even and x's rows start on pairs: the blocks packed once per
+// call, then per (row tile, block-row) one gemm_sum over the row's stored blocks into fp32,
+// rounded once. False where it does not apply.
+bool forward_bf16_pairs(const BlockSparseShape& s, const BFloat16* x, const BFloat16* blocks,
+                        const int64_t* row_offsets, const int64_t* col_indices, BFloat16* out, int num_threads) {
+  const int64_t bs = s.block;
+  if (!bf16::available() || s.rows < kPairMinRows || bs % 2 != 0 || s.x_row_stride % 2 != 0 ||
+      reinterpret_cast<uintptr_t>(x) % 4 != 0)
+    return false;
+  const int64_t words = bf16::packed_words(bs, bs / 2), n_out = s.out_features();
+  std::vector<uint32_t> packed(s.nnz * words);
+  const int64_t tiles = (s.rows + kPairTileRows - 1) / kPairTileRows;
+#pragma omp parallel num_threads(threads_for(s, num_threads))
+  {
+#pragma omp for schedule(static)
+    for (int64_t e = 0; e < s.nnz; ++e) bf16::pack_columns(bs, bs / 2, blocks + e * bs * bs, bs, packed.data() + e * words);
+    std::vector<float> acc(kPairTileRows * bs);
+    std::vector<const uint32_t*> a, b;
+    const uint32_t* xp = reinterpret_cast<const uint32_t*>(x);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < tiles * s.row_blocks; ++item) {
+      const int64_t t0 = item / s.row_blocks * kPairTileRows, rb = item % s.row_blocks;
+      const int64_t nt = std::min(kPairTileRows, s.rows - t0);
+      a.clear();
+      b.clear();
+      for (int64_t e = row_offsets[rb]; e < row_offsets[rb + 1]; ++e) {
+        a.push_back(xp + (t0 * s.x_row_stride + col_indices[e] * bs) / 2);
+        b.push_back(packed.data() + e * words);
+      }
+      // acc[t][a] = sum_e sum_b x[t0 + t, col_e * bs + b] blocks[e, a, b]
+      bf16::gemm_sum(nt, bs, bs / 2, static_cast<int64_t>(a.size()), a.data(), s.x_row_stride / 2, b.data(), 1.0f,
+                     acc.data(), bs, false);
+      for (int64_t t = 0; t < nt; ++t) bf16::round_to_bf16(acc.data() + t * bs, bs, bs, out + (t0 + t) * n_out + rb * bs);
+    }
+  }
+  return true;
+}
+
 template <typename T>
 void forward_typed(const BlockSparseShape& s, const void* x, const void* blocks,
                    const int64_t* ro, const int64_t* ci, void* out, int threads) {
   const T* xt = static_cast<const T*>(x);
   const T* bt = static_cast<const T*>(blocks);
   T* ot = static_cast<T*>(out);
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (forward_bf16_pairs(s, xt, bt, ro, ci, ot, threads)) return;
+  }
   switch (block_gemm::best_isa()) {
     case block_gemm::Isa::Avx512:
       return forward_impl<isa_avx512::Kernels>(s, xt, bt, ro, ci, ot, threads);
