@@ -10,10 +10,11 @@
 // (scores = Q K^T, out += P V) through the register-tiled block GEMM of block_gemm.inc; a few
 // rows (decode) use register tiles that read the block in place in its storage dtype (widened
 // in registers), where packing the block for the GEMM would cost more than it saves. Over bf16
-// caches on CPUs with AVX512_BF16, the many-row products run on bf16 pairs instead (the query
-// rows unscaled, the scores scaled after, the probabilities rounded to bf16). Plain
-// (dense) storage and blocks of the step's new tokens are read in place; other policies stage
-// their cached blocks as fp32. A sliding window skips the blocks before the window of a unit's
+// caches on CPUs with AVX512_BF16, the many-row products run on bf16 pairs instead (AMX tiles
+// where the CPU has them; the query rows unscaled, the scores scaled after, the probabilities
+// rounded to bf16). Plain (dense) storage and blocks of the step's new tokens are read in
+// place; other policies stage their cached blocks as fp32 (and, for bf16 pair products, back
+// to bf16 rows). A sliding window skips the blocks before the window of a unit's
 // first query and masks the rest per query.
 // The engine body is in attention_engine.inc, compiled once per instruction set.
 #pragma once
