@@ -379,6 +379,15 @@ def test_choose_tree_minimizes_time_per_token():
 # --- SpecExec trees ------------------------------------------------------------------------------
 
 
+def path_of(tokens, parents, i):
+    """The tokens from the root to node i."""
+    out = []
+    while i >= 0:
+        out.append(tokens[i])
+        i = parents[i]
+    return tuple(reversed(out))
+
+
 def test_specexec_tree_is_best_first():
     vocab, max_nodes, max_depth = 4, 9, 3
     g = torch.Generator().manual_seed(0)
@@ -388,13 +397,6 @@ def test_specexec_tree_is_best_first():
         if path not in table:
             table[path] = torch.log_softmax(torch.randn(vocab, generator=g) * 2, -1)
         return table[path]
-
-    def path_of(tokens, parents, i):
-        out = []
-        while i >= 0:
-            out.append(tokens[i])
-            i = parents[i]
-        return tuple(reversed(out))
 
     calls = []
 
@@ -436,13 +438,6 @@ def test_specexec_trees_batch_each_row_as_alone():
         if path not in tables[r]:
             tables[r][path] = torch.log_softmax(torch.randn(vocabs[r], generator=g) * scales[r], -1)
         return tables[r][path]
-
-    def path_of(tokens, parents, i):
-        out = []
-        while i >= 0:
-            out.append(tokens[i])
-            i = parents[i]
-        return tuple(reversed(out))
 
     rounds = []
 
