@@ -24,6 +24,17 @@ constexpr int64_t kPanel = 32;  // columns per packed panel: two 16-lane vectors
 // it; EFFX_CPU_ISA=avx512 keeps the fp32 path of the same instruction set (tests cover both).
 bool available();
 
+// Rows from which a family's bf16 pair GEMMs replace its other paths: one AMX tile of rows
+// (fewer stay on vector dot products, which on Sapphire Rapids run at half the FMA rate).
+constexpr int64_t kMinRows = 16;
+
+// True where `rows` rows of bf16 at stride `ld` (elements) from `p` can be read in place as the
+// pairs of gemm's A: the CPU has the dot products, there are kMinRows rows or more, and every
+// row starts on a pair.
+inline bool rows_as_pairs(const BFloat16* p, int64_t rows, int64_t ld) {
+  return rows >= kMinRows && ld % 2 == 0 && reinterpret_cast<uintptr_t>(p) % 4 == 0 && available();
+}
+
 // True where gemm runs blocks of at least 16 rows and 16 pairs on AMX tiles: the CPU has
 // AMX-BF16, the OS granted this process the tile state, and EFFX_CPU_ISA is unset or "amx"
 // (=avx512bf16 keeps the vector GEMM).

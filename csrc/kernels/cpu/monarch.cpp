@@ -11,7 +11,6 @@
 #include "effx/monarch.h"
 
 #include <algorithm>
-#include <cstdint>
 #include <vector>
 
 #include "bf16_gemm.h"
@@ -211,9 +210,8 @@ void backward_impl(const MonarchShape& m, const T* dout, const T* x, const T* w1
 }
 
 // Rows per tile of the bf16 forward: its fp32 out1, bf16 z and fp32 out2 (2.5 MiB at n = 4096)
-// stay in L2 while each packed weight panel serves 64 rows; at least 16 rows (an AMX tile).
+// stay in L2 while each packed weight panel serves 64 rows.
 constexpr int64_t kPairTileRows = 64;
-constexpr int64_t kPairMinRows = 16;
 
 // The bf16 forward on bf16 pairs (bf16_gemm.h: AMX tiles, else AVX512_BF16 vectors), where the
 // CPU has them, the reductions have even lengths and x's rows start on pairs: per row tile,
@@ -222,9 +220,7 @@ constexpr int64_t kPairMinRows = 16;
 // P2 as a transpose into out. The weights are packed once per call. False where it does not apply.
 bool forward_bf16_pairs(const MonarchShape& m, const BFloat16* x, const BFloat16* w1, const BFloat16* w2,
                         BFloat16* out, int num_threads) {
-  if (!bf16::available() || m.rows < kPairMinRows || m.p % 2 != 0 || m.r % 2 != 0 || m.x_row_stride % 2 != 0 ||
-      reinterpret_cast<uintptr_t>(x) % 4 != 0)
-    return false;
+  if (m.p % 2 != 0 || m.r % 2 != 0 || !bf16::rows_as_pairs(x, m.rows, m.x_row_stride)) return false;
   const int64_t n_mid = m.n_mid(), n_out = m.n_out();
   const int64_t pw1 = bf16::packed_words(m.q, m.p / 2), pw2 = bf16::packed_words(m.s, m.r / 2);
   std::vector<uint32_t> w1p(m.k * pw1), w2p(m.l * pw2);

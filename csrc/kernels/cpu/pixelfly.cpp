@@ -7,7 +7,6 @@
 #include "effx/pixelfly.h"
 
 #include <algorithm>
-#include <cstdint>
 #include <vector>
 
 #include "bf16_gemm.h"
@@ -114,9 +113,8 @@ void backward_impl(const BlockSparseShape& s, const T* dout, const T* x, const T
   }
 }
 
-// Rows per tile of the bf16 forward, and the fewest rows it takes (an AMX tile).
+// Rows per tile of the bf16 forward.
 constexpr int64_t kPairTileRows = 64;
-constexpr int64_t kPairMinRows = 16;
 
 // The bf16 forward on bf16 pairs (bf16_gemm.h: AMX tiles, else AVX512_BF16 vectors) where the
 // CPU has them, the block size is even and x's rows start on pairs: the blocks packed once per
@@ -125,9 +123,7 @@ constexpr int64_t kPairMinRows = 16;
 bool forward_bf16_pairs(const BlockSparseShape& s, const BFloat16* x, const BFloat16* blocks,
                         const int64_t* row_offsets, const int64_t* col_indices, BFloat16* out, int num_threads) {
   const int64_t bs = s.block;
-  if (!bf16::available() || s.rows < kPairMinRows || bs % 2 != 0 || s.x_row_stride % 2 != 0 ||
-      reinterpret_cast<uintptr_t>(x) % 4 != 0)
-    return false;
+  if (bs % 2 != 0 || !bf16::rows_as_pairs(x, s.rows, s.x_row_stride)) return false;
   const int64_t words = bf16::packed_words(bs, bs / 2), n_out = s.out_features();
   std::vector<uint32_t> packed(s.nnz * words);
   const int64_t tiles = (s.rows + kPairTileRows - 1) / kPairTileRows;

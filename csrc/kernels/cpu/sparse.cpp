@@ -369,18 +369,18 @@ void down_impl(const SparseDownShape& s, const T* h, const T* w, const T* bias,
   }
 }
 
-// bf16 with one index set for a batch of at least this many rows, on CPUs with AVX512_BF16:
-// both projections as GEMMs on bf16 pairs (bf16_gemm.h, on AMX tiles where the CPU has them),
-// the selected weight rows packed per unit of work. Fewer rows stay on the dot products above,
-// which read each weight once at the rate memory gives it.
-constexpr int64_t kPairMinBatch = 16;
+// bf16 with one index set for a batch of at least bf16::kMinRows rows, on CPUs with
+// AVX512_BF16: both projections as GEMMs on bf16 pairs (bf16_gemm.h, on AMX tiles where the CPU
+// has them), the selected weight rows packed per unit of work. Fewer rows stay on the dot
+// products above, which read each weight once at the rate memory gives it. The batch is copied
+// into pairs (a zero pad for odd lengths), so x and h need no alignment.
 // Selected neurons per up unit; output columns per down unit are kColumns, its selected rows
 // added kPairRows at a time (a packed panel block that stays in L2).
 constexpr int64_t kPairNeurons = 64;
 constexpr int64_t kPairRows = 256;
 
 bool pairs_apply(int64_t batch, bool shared) {
-  return shared && batch >= kPairMinBatch && bf16::available();
+  return shared && batch >= bf16::kMinRows && bf16::available();
 }
 
 // The rows of m (n values each, at stride ld) as bf16 pairs: contiguous rows of
