@@ -3,8 +3,9 @@
 // 1 to 6 rows and row blocks of 16 to 32 (full, partial, and a zero-padded edge), partial
 // panels, reductions of fewer pairs than a tile, not a multiple of a tile's 16 pairs (the rest
 // on vectors) and odd (a zero missing row), a scale on the product, accumulation, operands
-// packed from key-like rows and value-like rows, sums of 0, 1 and 3 products (gemm_sum), and
-// the rounding of probabilities to bf16 (nearest even). Skips (exit 77) on a CPU without AVX512_BF16.
+// packed from key-like rows and value-like rows, sums of 0, 1 and 3 products (gemm_sum), the
+// bf16 transpose and the pairs of columns (exact), and the rounding of probabilities to bf16
+// (nearest even). Skips (exit 77) on a CPU without AVX512_BF16.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -96,6 +97,32 @@ void check_sum(int64_t M, int64_t N, int64_t K, int64_t terms, bool accumulate, 
   }
 }
 
+// transpose and pair_columns move bf16 bits: exact, also at sizes that are not multiples of 16.
+void check_moves(int64_t rows, int64_t cols, std::mt19937& rng) {
+  const std::vector<BFloat16> src = random_bf16(rows * cols, rng);
+  std::vector<BFloat16> t(rows * cols);
+  bf::transpose(cols, rows, src.data(), t.data());  // [rows][cols] -> [cols][rows]
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      EFFX_EXPECT(t[c * rows + r].bits == src[r * cols + c].bits, "transpose %lldx%lld (%lld, %lld)", (long long)rows,
+                  (long long)cols, (long long)r, (long long)c);
+  // Columns [1, cols) of src as gemm rows, at a row stride past the pairs (untouched words stay).
+  const int64_t n = cols - 1, KP = (rows + 1) / 2, ld_out = KP + 3;
+  std::vector<uint32_t> a(std::max<int64_t>(n, 0) * ld_out, 0xdeadbeefu);
+  bf::pair_columns(rows, n, src.data() + 1, cols, a.data(), ld_out);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t p = 0; p < ld_out; ++p) {
+      uint32_t want = 0xdeadbeefu;
+      if (p < KP) {
+        const uint32_t hi = 2 * p + 1 < rows ? src[(2 * p + 1) * cols + 1 + j].bits : 0;
+        want = src[2 * p * cols + 1 + j].bits | hi << 16;
+      }
+      EFFX_EXPECT(a[j * ld_out + p] == want, "pair_columns K=%lld N=%lld column %lld pair %lld: got 0x%08x, want 0x%08x",
+                  (long long)rows, (long long)n, (long long)j, (long long)p, a[j * ld_out + p], want);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -122,6 +149,8 @@ int main() {
     }
   }
   unsetenv("EFFX_CPU_ISA");
+  for (int64_t rows : {1, 2, 15, 16, 33, 64})
+    for (int64_t cols : {1, 4, 17, 32, 50}) check_moves(rows, cols, rng);
   const float src[5] = {1.0f, 1.00390625f, 1.01171875f, -3.0e-3f, 65504.0f};  // ties to even at 2^-8 steps
   BFloat16 dst[8];
   bf::round_to_bf16(src, 5, 8, dst);

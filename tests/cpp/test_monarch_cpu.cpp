@@ -122,6 +122,9 @@ void check_shapes() {
   // and 10, a last tile of 36 rows; whole 32-pair reductions and a last tile of 6 rows.
   check_all_dtypes({100, 4, 40, 36, 8, 22, 20, 150}, 2);
   check_all_dtypes({70, 2, 64, 64, 2, 64, 64, 128}, 2);
+  // The bf16 backward with an odd last tile (17 rows: a zero pair half in the weight gradients'
+  // reductions) and two blocks over three threads (products split by column panels).
+  check_all_dtypes({81, 2, 48, 40, 2, 96, 48, 82}, 3);
 }
 
 }  // namespace

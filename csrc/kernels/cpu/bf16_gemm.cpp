@@ -176,6 +176,60 @@ EFFX_BF16_TARGET void transpose_to_bf16(int64_t A, int64_t B, const float* src, 
   }
 }
 
+// The widening, narrowing and shift intrinsics have the same pass-through operand as above.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+EFFX_BF16_TARGET void transpose(int64_t A, int64_t B, const BFloat16* src, BFloat16* dst) {
+  // 16 x 16 blocks widened to 32-bit words for transpose_words, narrowed again on the store.
+  for (int64_t b0 = 0; b0 < B; b0 += 16) {
+    const int64_t nb = std::min<int64_t>(16, B - b0);
+    const __mmask16 out_mask = static_cast<__mmask16>((uint32_t{1} << nb) - 1);
+    for (int64_t a0 = 0; a0 < A; a0 += 16) {
+      const int64_t na = std::min<int64_t>(16, A - a0);
+      const __mmask16 in_mask = static_cast<__mmask16>((uint32_t{1} << na) - 1);
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        r[i] = i < nb ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in_mask, src + (b0 + i) * A + a0))
+                      : _mm512_setzero_si512();
+      }
+      transpose_words(r);
+      for (int64_t i = 0; i < na; ++i) {
+        _mm256_mask_storeu_epi16(dst + (a0 + i) * B + b0, out_mask, _mm512_cvtepi32_epi16(r[i]));
+      }
+    }
+  }
+}
+
+EFFX_BF16_TARGET void pair_columns(int64_t K, int64_t N, const BFloat16* src, int64_t ld, uint32_t* out,
+                                   int64_t ld_out) {
+  // 16 pairs x 16 columns at a time: word j of r[i] is pair p0 + i of column n0 + j, so the
+  // transpose leaves column n0 + j's pairs in r[j].
+  const int64_t KP = (K + 1) / 2;
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const int64_t nn = std::min<int64_t>(16, N - n0);
+    const __mmask16 col_mask = static_cast<__mmask16>((uint32_t{1} << nn) - 1);
+    for (int64_t p0 = 0; p0 < KP; p0 += 16) {
+      const int64_t np = std::min<int64_t>(16, KP - p0);
+      const __mmask16 pair_mask = static_cast<__mmask16>((uint32_t{1} << np) - 1);
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t k = 2 * (p0 + i);
+        const __m512i lo = k < K ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(col_mask, src + k * ld + n0))
+                                 : _mm512_setzero_si512();
+        const __m512i hi = k + 1 < K
+                               ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(col_mask, src + (k + 1) * ld + n0))
+                               : _mm512_setzero_si512();
+        r[i] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+      }
+      transpose_words(r);
+      for (int64_t j = 0; j < nn; ++j) _mm512_mask_storeu_epi32(out + (n0 + j) * ld_out + p0, pair_mask, r[j]);
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
 EFFX_BF16_TARGET float exp_shifted_sum(const float* s, int64_t n, float mx, BFloat16* p, int64_t n_padded) {
   __m512 acc = _mm512_setzero_ps();
   const __m512 m = _mm512_set1_ps(mx);
@@ -410,6 +464,8 @@ void pack_columns(int64_t, int64_t, const BFloat16* const*, uint32_t*) { std::ab
 void pack_rows(int64_t, int64_t, const BFloat16*, int64_t, uint32_t*) { std::abort(); }
 void pack_rows(int64_t, int64_t, const BFloat16* const*, uint32_t*) { std::abort(); }
 void transpose_to_bf16(int64_t, int64_t, const float*, BFloat16*) { std::abort(); }
+void transpose(int64_t, int64_t, const BFloat16*, BFloat16*) { std::abort(); }
+void pair_columns(int64_t, int64_t, const BFloat16*, int64_t, uint32_t*, int64_t) { std::abort(); }
 float exp_shifted_sum(const float*, int64_t, float, BFloat16*, int64_t) { std::abort(); }
 void round_to_bf16(const float*, int64_t, int64_t, BFloat16*) { std::abort(); }
 void gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, float, float*, int64_t, bool) {

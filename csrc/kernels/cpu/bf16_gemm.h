@@ -68,6 +68,15 @@ void transpose_to_bf16(int64_t A, int64_t B, const float* src, BFloat16* dst);
 // the attention engine's bf16 P V product, without a pass over fp32 ones.
 float exp_shifted_sum(const float* s, int64_t n, float mx, BFloat16* p, int64_t n_padded);
 
+// dst[a * B + b] = src[b * A + a] for a < A, b < B: a bf16 [B][A] matrix transposed (Monarch's
+// backward undoes the output permutation on the incoming gradient).
+void transpose(int64_t A, int64_t B, const BFloat16* src, BFloat16* dst);
+
+// gemm's A from the columns of K rows of N contiguous bf16 (row k at src + k * ld): row n, at
+// out + n * ld_out, is column n's (K + 1) / 2 pairs (row 2p, row 2p + 1), the missing row of an
+// odd K zero. The A of a weight gradient, whose reduction runs down the rows (the tokens).
+void pair_columns(int64_t K, int64_t N, const BFloat16* src, int64_t ld, uint32_t* out, int64_t ld_out);
+
 // dst[0, n) = src rounded to bf16 (nearest even), then zeros up to n_padded.
 void round_to_bf16(const float* src, int64_t n, int64_t n_padded, BFloat16* dst);
 

@@ -7,14 +7,16 @@
 // gives whole tiles to threads when there are enough of them. Otherwise, and in the backward,
 // threads split each tile's stages by weight blocks (row chunks when blocks are fewer than
 // threads), so the weight gradients need no reduction across threads. The bf16 forward runs on
-// bf16 pairs where the CPU has them (forward_bf16_pairs).
+// bf16 pairs where the CPU has them (forward_bf16_pairs, backward_bf16_pairs).
 #include "effx/monarch.h"
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "bf16_gemm.h"
 #include "block_gemm.h"
+#include "scratch.h"
 
 namespace effx {
 namespace cpu {
@@ -223,35 +225,164 @@ bool forward_bf16_pairs(const MonarchShape& m, const BFloat16* x, const BFloat16
   if (m.p % 2 != 0 || m.r % 2 != 0 || !bf16::rows_as_pairs(x, m.rows, m.x_row_stride)) return false;
   const int64_t n_mid = m.n_mid(), n_out = m.n_out();
   const int64_t pw1 = bf16::packed_words(m.q, m.p / 2), pw2 = bf16::packed_words(m.s, m.r / 2);
-  std::vector<uint32_t> w1p(m.k * pw1), w2p(m.l * pw2);
+  uint32_t* w1p = scratch<uint32_t, struct MonarchW1Pairs>(m.k * pw1);
+  uint32_t* w2p = scratch<uint32_t, struct MonarchW2Pairs>(m.l * pw2);
   const int64_t tile = std::min(kPairTileRows, m.rows);
   const int64_t tiles = (m.rows + tile - 1) / tile;
 #pragma omp parallel num_threads(threads_for(m, num_threads))
   {
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < m.k + m.l; ++blk) {
-      if (blk < m.k) bf16::pack_columns(m.q, m.p / 2, w1 + blk * m.q * m.p, m.p, w1p.data() + blk * pw1);
-      else bf16::pack_columns(m.s, m.r / 2, w2 + (blk - m.k) * m.s * m.r, m.r, w2p.data() + (blk - m.k) * pw2);
+      if (blk < m.k) bf16::pack_columns(m.q, m.p / 2, w1 + blk * m.q * m.p, m.p, w1p + blk * pw1);
+      else bf16::pack_columns(m.s, m.r / 2, w2 + (blk - m.k) * m.s * m.r, m.r, w2p + (blk - m.k) * pw2);
     }
-    std::vector<float> out1(tile * n_mid), out2(tile * n_out);
-    std::vector<BFloat16> z(tile * n_mid);
-    const uint32_t* zp = reinterpret_cast<const uint32_t*>(z.data());
+    float* out1 = scratch<float, struct MonarchMid>(tile * n_mid);
+    float* out2 = scratch<float, struct MonarchOut2>(tile * n_out);
+    BFloat16* z = scratch<BFloat16, struct MonarchZ>(tile * n_mid);
+    const uint32_t* zp = reinterpret_cast<const uint32_t*>(z);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tt = 0; tt < tiles; ++tt) {
       const int64_t t0 = tt * tile, nt = std::min(tile, m.rows - t0);
       const uint32_t* xp = reinterpret_cast<const uint32_t*>(x + t0 * m.x_row_stride);
       for (int64_t i = 0; i < m.k; ++i) {
-        bf16::gemm(nt, m.q, m.p / 2, xp + i * m.p / 2, m.x_row_stride / 2, w1p.data() + i * pw1, 1.0f,
-                   out1.data() + i * m.q, n_mid, false);
+        bf16::gemm(nt, m.q, m.p / 2, xp + i * m.p / 2, m.x_row_stride / 2, w1p + i * pw1, 1.0f,
+                   out1 + i * m.q, n_mid, false);
       }
-      for (int64_t t = 0; t < nt; ++t) bf16::transpose_to_bf16(m.l, m.r, out1.data() + t * n_mid, z.data() + t * n_mid);
+      for (int64_t t = 0; t < nt; ++t) bf16::transpose_to_bf16(m.l, m.r, out1 + t * n_mid, z + t * n_mid);
       for (int64_t j = 0; j < m.l; ++j) {
-        bf16::gemm(nt, m.s, m.r / 2, zp + j * m.r / 2, n_mid / 2, w2p.data() + j * pw2, 1.0f, out2.data() + j * m.s,
+        bf16::gemm(nt, m.s, m.r / 2, zp + j * m.r / 2, n_mid / 2, w2p + j * pw2, 1.0f, out2 + j * m.s,
                    n_out, false);
       }
       for (int64_t t = 0; t < nt; ++t) {
-        bf16::transpose_to_bf16(m.s, m.l, out2.data() + t * n_out, out + (t0 + t) * n_out);
+        bf16::transpose_to_bf16(m.s, m.l, out2 + t * n_out, out + (t0 + t) * n_out);
       }
+    }
+  }
+  return true;
+}
+
+// Rows per tile of the bf16 backward: the weight gradients' reductions run over a tile's tokens,
+// and 64 pairs of them keep the dot products near their peak (32 lose about an eighth).
+constexpr int64_t kPairBackwardTileRows = 128;
+
+// Column chunks of a product with N columns, whole panels each, so that `blocks` blocks of them
+// keep the threads busy.
+int64_t column_chunks(int64_t blocks, int64_t N, int threads) {
+  const int64_t panels = (N + bf16::kPanel - 1) / bf16::kPanel;
+  return std::max<int64_t>(1, std::min<int64_t>((threads + blocks - 1) / blocks, panels));
+}
+
+// Columns [first, second) of chunk ch of column_chunks.
+std::pair<int64_t, int64_t> column_chunk(int64_t N, int64_t chunks, int64_t ch) {
+  const int64_t panels = (N + bf16::kPanel - 1) / bf16::kPanel;
+  return {chunk_begin(panels, chunks, ch) * bf16::kPanel, std::min(N, chunk_begin(panels, chunks, ch + 1) * bf16::kPanel)};
+}
+
+// The bf16 backward on bf16 pairs, where forward_bf16_pairs runs and q and s are even too. Per
+// row tile: stage 1 again (fp32 out1, bf16 z as in the forward); the incoming gradient out of
+// the P2 order into bf16 g [t][l][s]; dz = g W2 block by block into fp32 [t][l][r], and P1
+// undone into bf16 dmid [t][k][q] (the intermediates in bf16, as on CUDA); then dx = dmid W1
+// and the weight gradients dW1 += dmid^T x, dW2 += g^T z, whose reductions run over the tile's
+// tokens (pair_columns, pack_rows), accumulated in fp32 across tiles. Threads split every product
+// by weight blocks and column panels, so no gradient needs a reduction across threads. False
+// where it does not apply.
+bool backward_bf16_pairs(const MonarchShape& m, const BFloat16* dout, const BFloat16* x, const BFloat16* w1,
+                         const BFloat16* w2, BFloat16* dx, BFloat16* dw1_out, BFloat16* dw2_out, int num_threads) {
+  if (m.p % 2 != 0 || m.q % 2 != 0 || m.r % 2 != 0 || m.s % 2 != 0 ||
+      !bf16::rows_as_pairs(x, m.rows, m.x_row_stride) || reinterpret_cast<uintptr_t>(dout) % 4 != 0) {
+    return false;
+  }
+  const int64_t n_in = m.n_in(), n_mid = m.n_mid(), n_out = m.n_out(), xs = m.x_row_stride;
+  const int64_t pw1 = bf16::packed_words(m.q, m.p / 2);   // w1 for stage 1: columns a, pairs along b
+  const int64_t pw1r = bf16::packed_words(m.p, m.q / 2);  // w1 for dx: columns b, pairs along a
+  const int64_t pw2r = bf16::packed_words(m.r, m.s / 2);  // w2 for dz: columns c, pairs along d
+  const int64_t n_w1 = m.k * m.q * m.p, n_w2 = m.l * m.s * m.r;
+  const int64_t tile = std::min(kPairBackwardTileRows, m.rows);
+  uint32_t* w1p = scratch<uint32_t, struct MonarchW1Pairs>(m.k * pw1);
+  uint32_t* w1r = scratch<uint32_t, struct MonarchW1RowPairs>(m.k * pw1r);
+  uint32_t* w2r = scratch<uint32_t, struct MonarchW2RowPairs>(m.l * pw2r);
+  float* dw1 = scratch<float, struct MonarchGradW1>(n_w1);
+  float* dw2 = scratch<float, struct MonarchGradW2>(n_w2);
+  float* mid = scratch<float, struct MonarchMid>(tile * n_mid);  // out1, then dz
+  float* dxf = scratch<float, struct MonarchGradX>(tile * n_in);
+  BFloat16* z = scratch<BFloat16, struct MonarchZ>(tile * n_mid);
+  BFloat16* g = scratch<BFloat16, struct MonarchGradOut>(tile * n_out);
+  BFloat16* dmid = scratch<BFloat16, struct MonarchGradMid>(tile * n_mid);
+  const uint32_t* gp = reinterpret_cast<const uint32_t*>(g);
+  const uint32_t* dmidp = reinterpret_cast<const uint32_t*>(dmid);
+  const int threads = threads_for(m, num_threads);
+  const int64_t cq = column_chunks(m.k, m.q, threads), cr = column_chunks(m.l, m.r, threads);
+  const int64_t cp = column_chunks(m.k, m.p, threads);
+  const int64_t dx_items = m.k * cp, dw1_items = m.k * cp, dw2_items = m.l * cr;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < m.k + m.l; ++blk) {
+      if (blk < m.k) {
+        bf16::pack_columns(m.q, m.p / 2, w1 + blk * m.q * m.p, m.p, w1p + blk * pw1);
+        bf16::pack_rows(m.q, m.p, w1 + blk * m.q * m.p, m.p, w1r + blk * pw1r);
+      } else {
+        bf16::pack_rows(m.s, m.r, w2 + (blk - m.k) * m.s * m.r, m.r, w2r + (blk - m.k) * pw2r);
+      }
+    }
+    const int64_t tile_pairs = (tile + 1) / 2;
+    uint32_t* at = scratch<uint32_t, struct MonarchTokenPairsA>(std::max(m.q, m.s) * tile_pairs);
+    uint32_t* bt = scratch<uint32_t, struct MonarchTokenPairsB>(bf16::packed_words(std::max(m.p, m.r), tile_pairs));
+    for (int64_t t0 = 0; t0 < m.rows; t0 += tile) {
+      const int64_t nt = std::min(tile, m.rows - t0), kp = (nt + 1) / 2;
+      const uint32_t* xp = reinterpret_cast<const uint32_t*>(x + t0 * xs);
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < m.k * cq; ++item) {
+        const int64_t i = item / cq;
+        const auto [a0, a1] = column_chunk(m.q, cq, item % cq);
+        bf16::gemm(nt, a1 - a0, m.p / 2, xp + i * m.p / 2, xs / 2, w1p + i * pw1 + a0 * (m.p / 2), 1.0f,
+                   mid + i * m.q + a0, n_mid, false);
+      }
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < nt; ++t) {
+        bf16::transpose_to_bf16(m.l, m.r, mid + t * n_mid, z + t * n_mid);
+        bf16::transpose(m.l, m.s, dout + (t0 + t) * n_out, g + t * n_out);
+      }
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < m.l * cr; ++item) {
+        const int64_t j = item / cr;
+        const auto [c0, c1] = column_chunk(m.r, cr, item % cr);
+        bf16::gemm(nt, c1 - c0, m.s / 2, gp + j * m.s / 2, n_out / 2, w2r + j * pw2r + c0 * (m.s / 2), 1.0f,
+                   mid + j * m.r + c0, n_mid, false);
+      }
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < nt; ++t) bf16::transpose_to_bf16(m.r, m.l, mid + t * n_mid, dmid + t * n_mid);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t item = 0; item < dx_items + dw1_items + dw2_items; ++item) {
+        if (item < dx_items) {  // dx[t, i*p + b] = sum_a dmid[t, i*q + a] w1[i, a, b]
+          const int64_t i = item / cp;
+          const auto [b0, b1] = column_chunk(m.p, cp, item % cp);
+          float* c = dxf + i * m.p + b0;
+          bf16::gemm(nt, b1 - b0, m.q / 2, dmidp + i * m.q / 2, n_mid / 2, w1r + i * pw1r + b0 * (m.q / 2),
+                     1.0f, c, n_in, false);
+          for (int64_t t = 0; t < nt; ++t) bf16::round_to_bf16(c + t * n_in, b1 - b0, b1 - b0, dx + (t0 + t) * n_in + i * m.p + b0);
+        } else if (item < dx_items + dw1_items) {  // dw1[i, a, b] += sum_t dmid[t, i*q + a] x[t, i*p + b]
+          const int64_t i = (item - dx_items) / cp;
+          const auto [b0, b1] = column_chunk(m.p, cp, (item - dx_items) % cp);
+          bf16::pair_columns(nt, m.q, dmid + i * m.q, n_mid, at, kp);
+          bf16::pack_rows(nt, b1 - b0, x + t0 * xs + i * m.p + b0, xs, bt);
+          bf16::gemm(m.q, b1 - b0, kp, at, kp, bt, 1.0f, dw1 + i * m.q * m.p + b0, m.p, t0 > 0);
+        } else {  // dw2[j, d, c] += sum_t g[t, j*s + d] z[t, j*r + c]
+          const int64_t j = (item - dx_items - dw1_items) / cr;
+          const auto [c0, c1] = column_chunk(m.r, cr, (item - dx_items - dw1_items) % cr);
+          bf16::pair_columns(nt, m.s, g + j * m.s, n_out, at, kp);
+          bf16::pack_rows(nt, c1 - c0, z + j * m.r + c0, n_mid, bt);
+          bf16::gemm(m.s, c1 - c0, kp, at, kp, bt, 1.0f, dw2 + j * m.s * m.r + c0, m.r, t0 > 0);
+        }
+      }
+    }
+    constexpr int64_t kSpan = 4096;  // elements of a weight gradient rounded per work item
+    const int64_t spans1 = (n_w1 + kSpan - 1) / kSpan, spans2 = (n_w2 + kSpan - 1) / kSpan;
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < spans1 + spans2; ++item) {
+      const bool first = item < spans1;
+      const int64_t e = (first ? item : item - spans1) * kSpan, n = std::min(kSpan, (first ? n_w1 : n_w2) - e);
+      bf16::round_to_bf16((first ? dw1 : dw2) + e, n, n, (first ? dw1_out : dw2_out) + e);
     }
   }
   return true;
@@ -282,6 +413,9 @@ void backward_typed(const MonarchShape& m, const void* dout, const void* x, cons
                     const void* w2, void* dx, void* dw1, void* dw2, int num_threads) {
   auto in = [](const void* p) { return static_cast<const T*>(p); };
   auto out = [](void* p) { return static_cast<T*>(p); };
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (backward_bf16_pairs(m, in(dout), in(x), in(w1), in(w2), out(dx), out(dw1), out(dw2), num_threads)) return;
+  }
   switch (block_gemm::best_isa()) {
     case block_gemm::Isa::Avx512:
       return backward_impl<isa_avx512::Kernels>(m, in(dout), in(x), in(w1), in(w2), out(dx),

@@ -1,0 +1,24 @@
+// effx: buffers a thread keeps from call to call. A kernel's buffers of megabytes (packed
+// weights, row tiles, fp32 accumulators) would otherwise come from fresh pages on every call
+// (glibc maps and trims allocations this large), and at a few rows their page faults cost more
+// than the products themselves.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+namespace effx {
+namespace cpu {
+
+// At least n elements of this thread's buffer named by Tag (a distinct tag per buffer live at
+// the same time; a type declared in place, as in scratch<float, struct MonarchOut1>(n)).
+// Contents are unspecified: what the last call on this thread left there.
+template <typename T, typename Tag>
+T* scratch(std::size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
+}  // namespace cpu
+}  // namespace effx
