@@ -298,9 +298,17 @@ def test_block_sparse_empty_rows_and_columns():
     assert x.grad[:, 8:].eq(0).all()
     assert rel_error(y, block_sparse_ref(x.detach(), blocks, ro, ci)) <= 1e-5
     # bf16 with 16+ rows: the bf16-pair GEMMs (on CPUs with them) sum no block for block-row 1
-    xb, bb = torch.randn(20, 12).bfloat16(), blocks.bfloat16()
+    # forward and for block-column 2 backward
+    xb, bb = torch.randn(20, 12, dtype=torch.bfloat16, requires_grad=True), blocks.bfloat16().requires_grad_()
     yb = pixelfly.block_sparse_matmul(xb, bb, ro, ci)
-    assert yb[:, 4:8].eq(0).all() and rel_error(yb, block_sparse_ref(xb.double(), bb.double(), ro, ci)) <= TOL[torch.bfloat16]
+    xr, br = xb.detach().double().requires_grad_(), bb.detach().double().requires_grad_()
+    want = block_sparse_ref(xr, br, ro, ci)
+    assert yb[:, 4:8].eq(0).all() and rel_error(yb, want) <= TOL[torch.bfloat16]
+    grad = torch.randn(20, 12, dtype=torch.bfloat16)
+    yb.backward(grad)
+    want.backward(grad.double())
+    assert xb.grad[:, 8:].eq(0).all()
+    assert rel_error(xb.grad, xr.grad) <= TOL[torch.bfloat16] and rel_error(bb.grad, br.grad) <= TOL[torch.bfloat16]
 
 
 def test_pixelfly_linear_matches_dense_and_trains():

@@ -263,54 +263,59 @@ namespace {
 
 constexpr int kRows = 6;  // rows per tile: 12 accumulators, two B vectors and a broadcast in 32 zmm
 
+// Rows m0 .. m0 + MR and the panel at column q0 of the sum over `terms` products, pairs
+// [p_begin, p_end) of each (KP: the pairs of the packed layout), all in the accumulators: the
+// terms of a block-sparse row load and store C once, not once per term.
 template <int MR>
-EFFX_BF16_TARGET void tile(int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* bp, float alpha, float* c,
+EFFX_BF16_TARGET void tile(int64_t terms, int64_t p_begin, int64_t p_end, int64_t KP, const uint32_t* const* a,
+                           int64_t lda, const uint32_t* const* packed, int64_t m0, int64_t q0, float alpha, float* c,
                            int64_t ldc, int64_t nr, bool accumulate) {
   __m512 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < KP; ++p) {
-    const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bp + p * kPanel));
-    const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bp + p * kPanel + 16));
+  for (int64_t t = 0; t < terms; ++t) {
+    const uint32_t* am = a[t] + m0 * lda;
+    const uint32_t* bp = packed[t] + q0 * KP;
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bp + p * kPanel));
+      const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bp + p * kPanel + 16));
 #pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[r * lda + p])));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(am[r * lda + p])));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+      }
     }
   }
-  const __mmask16 m0 = static_cast<__mmask16>((uint32_t{1} << std::min<int64_t>(16, nr)) - 1);
-  const __mmask16 m1 = static_cast<__mmask16>((uint32_t{1} << std::max<int64_t>(0, nr - 16)) - 1);
+  const __mmask16 m0_mask = static_cast<__mmask16>((uint32_t{1} << std::min<int64_t>(16, nr)) - 1);
+  const __mmask16 m1_mask = static_cast<__mmask16>((uint32_t{1} << std::max<int64_t>(0, nr - 16)) - 1);
+  const __m512 scale = _mm512_set1_ps(alpha);
   for (int r = 0; r < MR; ++r) {
-    float* cr = c + r * ldc;
-    const __m512 scale = _mm512_set1_ps(alpha);
+    float* cr = c + (m0 + r) * ldc + q0;
     __m512 v0 = _mm512_mul_ps(acc[r][0], scale), v1 = _mm512_mul_ps(acc[r][1], scale);
     if (accumulate) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0_mask, cr));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1_mask, cr + 16));
     }
-    _mm512_mask_storeu_ps(cr, m0, v0);
-    _mm512_mask_storeu_ps(cr + 16, m1, v1);
+    _mm512_mask_storeu_ps(cr, m0_mask, v0);
+    _mm512_mask_storeu_ps(cr + 16, m1_mask, v1);
   }
 }
 
-// Pairs [p_begin, p_end) of the product, on vectors (KP: the pairs of the packed layout).
-void vector_gemm(int64_t M, int64_t N, int64_t p_begin, int64_t p_end, int64_t KP, const uint32_t* a, int64_t lda,
-                 const uint32_t* packed, float alpha, float* c, int64_t ldc, bool accumulate) {
-  const int64_t kp = p_end - p_begin;
+// Pairs [p_begin, p_end) of the sum of products, on vectors.
+void vector_gemm(int64_t M, int64_t N, int64_t p_begin, int64_t p_end, int64_t KP, int64_t terms,
+                 const uint32_t* const* a, int64_t lda, const uint32_t* const* packed, float alpha, float* c,
+                 int64_t ldc, bool accumulate) {
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
     const int64_t mr = std::min<int64_t>(kRows, M - m0);
     for (int64_t q0 = 0; q0 < N; q0 += kPanel) {
-      const uint32_t* bp = packed + q0 * KP + p_begin * kPanel;
-      const uint32_t* am = a + m0 * lda + p_begin;
-      float* cm = c + m0 * ldc + q0;
       const int64_t nr = std::min(kPanel, N - q0);
       switch (mr) {
-        case 6: tile<6>(kp, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
-        case 5: tile<5>(kp, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
-        case 4: tile<4>(kp, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
-        case 3: tile<3>(kp, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
-        case 2: tile<2>(kp, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
-        default: tile<1>(kp, am, lda, bp, alpha, cm, ldc, nr, accumulate); break;
+        case 6: tile<6>(terms, p_begin, p_end, KP, a, lda, packed, m0, q0, alpha, c, ldc, nr, accumulate); break;
+        case 5: tile<5>(terms, p_begin, p_end, KP, a, lda, packed, m0, q0, alpha, c, ldc, nr, accumulate); break;
+        case 4: tile<4>(terms, p_begin, p_end, KP, a, lda, packed, m0, q0, alpha, c, ldc, nr, accumulate); break;
+        case 3: tile<3>(terms, p_begin, p_end, KP, a, lda, packed, m0, q0, alpha, c, ldc, nr, accumulate); break;
+        case 2: tile<2>(terms, p_begin, p_end, KP, a, lda, packed, m0, q0, alpha, c, ldc, nr, accumulate); break;
+        default: tile<1>(terms, p_begin, p_end, KP, a, lda, packed, m0, q0, alpha, c, ldc, nr, accumulate); break;
       }
     }
   }
@@ -403,7 +408,7 @@ EFFX_AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t KP, int64_t terms, c
   }
   _tile_release();  // back to the init state: context switches need not save 8 KB of tiles
   if (kp < KP) {
-    for (int64_t t = 0; t < terms; ++t) vector_gemm(M, N, kp, KP, KP, a[t], lda, packed[t], alpha, c, ldc, true);
+    vector_gemm(M, N, kp, KP, KP, terms, a, lda, packed, alpha, c, ldc, true);
   }
 }
 
@@ -451,7 +456,7 @@ void gemm_sum(int64_t M, int64_t N, int64_t KP, int64_t terms, const uint32_t* c
   if (M >= kTile && KP >= kTile && amx_available()) {
     return amx_gemm(M, N, KP, terms, a, lda, packed, alpha, c, ldc, accumulate);
   }
-  for (int64_t t = 0; t < terms; ++t) vector_gemm(M, N, 0, KP, KP, a[t], lda, packed[t], alpha, c, ldc, accumulate || t > 0);
+  vector_gemm(M, N, 0, KP, KP, terms, a, lda, packed, alpha, c, ldc, accumulate);
 }
 
 #else  // no AVX512_BF16 on this architecture: available() is false and nothing else is called

@@ -2,8 +2,8 @@
 // include/effx/pixelfly.h). Rows are processed in tiles; a thread owns a block-row of the
 // output (forward) or a block-column of grad_x (backward), summing its blocks' products in an
 // fp32 tile before one rounding store, so no two threads write the same values. grad_blocks
-// is one small GEMM per stored block over all rows, parallel over blocks. The bf16 forward runs
-// on bf16 pairs where the CPU has them (forward_bf16_pairs).
+// is one small GEMM per stored block over all rows, parallel over blocks. bf16 runs on bf16
+// pairs where the CPU has them (forward_bf16_pairs, backward_bf16_pairs).
 #include "effx/pixelfly.h"
 
 #include <algorithm>
@@ -11,6 +11,7 @@
 
 #include "bf16_gemm.h"
 #include "block_gemm.h"
+#include "scratch.h"
 
 namespace effx {
 namespace cpu {
@@ -125,13 +126,13 @@ bool forward_bf16_pairs(const BlockSparseShape& s, const BFloat16* x, const BFlo
   const int64_t bs = s.block;
   if (bs % 2 != 0 || !bf16::rows_as_pairs(x, s.rows, s.x_row_stride)) return false;
   const int64_t words = bf16::packed_words(bs, bs / 2), n_out = s.out_features();
-  std::vector<uint32_t> packed(s.nnz * words);
+  uint32_t* packed = scratch<uint32_t, struct PixelflyBlockPairs>(s.nnz * words);
   const int64_t tiles = (s.rows + kPairTileRows - 1) / kPairTileRows;
 #pragma omp parallel num_threads(threads_for(s, num_threads))
   {
 #pragma omp for schedule(static)
-    for (int64_t e = 0; e < s.nnz; ++e) bf16::pack_columns(bs, bs / 2, blocks + e * bs * bs, bs, packed.data() + e * words);
-    std::vector<float> acc(kPairTileRows * bs);
+    for (int64_t e = 0; e < s.nnz; ++e) bf16::pack_columns(bs, bs / 2, blocks + e * bs * bs, bs, packed + e * words);
+    float* acc = scratch<float, struct PixelflyTile>(kPairTileRows * bs);
     std::vector<const uint32_t*> a, b;
     const uint32_t* xp = reinterpret_cast<const uint32_t*>(x);
 #pragma omp for schedule(dynamic, 1)
@@ -142,12 +143,77 @@ bool forward_bf16_pairs(const BlockSparseShape& s, const BFloat16* x, const BFlo
       b.clear();
       for (int64_t e = row_offsets[rb]; e < row_offsets[rb + 1]; ++e) {
         a.push_back(xp + (t0 * s.x_row_stride + col_indices[e] * bs) / 2);
-        b.push_back(packed.data() + e * words);
+        b.push_back(packed + e * words);
       }
       // acc[t][a] = sum_e sum_b x[t0 + t, col_e * bs + b] blocks[e, a, b]
       bf16::gemm_sum(nt, bs, bs / 2, static_cast<int64_t>(a.size()), a.data(), s.x_row_stride / 2, b.data(), 1.0f,
-                     acc.data(), bs, false);
-      for (int64_t t = 0; t < nt; ++t) bf16::round_to_bf16(acc.data() + t * bs, bs, bs, out + (t0 + t) * n_out + rb * bs);
+                     acc, bs, false);
+      for (int64_t t = 0; t < nt; ++t) bf16::round_to_bf16(acc + t * bs, bs, bs, out + (t0 + t) * n_out + rb * bs);
+    }
+  }
+  return true;
+}
+
+// The bf16 backward on bf16 pairs, where forward_bf16_pairs runs: grad_x per (row tile,
+// block-column) as one gemm_sum over the column's stored blocks (grad_out's block-row slices
+// times the blocks packed along their rows), rounded once; grad_blocks per stored block, reduced
+// over the rows kReduceRows at a time (grad_out's slice as pairs of rows by pair_columns, x's by
+// pack_rows) in fp32. False where it does not apply.
+bool backward_bf16_pairs(const BlockSparseShape& s, const BFloat16* dout, const BFloat16* x, const BFloat16* blocks,
+                         const int64_t* row_offsets, const int64_t* col_indices, BFloat16* dx, BFloat16* dblocks,
+                         int num_threads) {
+  const int64_t bs = s.block;
+  if (bs % 2 != 0 || !bf16::rows_as_pairs(x, s.rows, s.x_row_stride) || reinterpret_cast<uintptr_t>(dout) % 4 != 0) {
+    return false;
+  }
+  const int64_t words = bf16::packed_words(bs, bs / 2), n_out = s.out_features(), n_in = s.in_features();
+  const int64_t xs = s.x_row_stride;
+  // The stored blocks by block-column (CSC order) and each one's block-row.
+  std::vector<int64_t> row_of(s.nnz), col_start(s.col_blocks + 1, 0), by_col(s.nnz);
+  for (int64_t rb = 0; rb < s.row_blocks; ++rb)
+    for (int64_t e = row_offsets[rb]; e < row_offsets[rb + 1]; ++e) row_of[e] = rb;
+  for (int64_t e = 0; e < s.nnz; ++e) ++col_start[col_indices[e] + 1];
+  for (int64_t cb = 0; cb < s.col_blocks; ++cb) col_start[cb + 1] += col_start[cb];
+  std::vector<int64_t> fill(col_start.begin(), col_start.end() - 1);
+  for (int64_t e = 0; e < s.nnz; ++e) by_col[fill[col_indices[e]]++] = e;
+
+  uint32_t* packed = scratch<uint32_t, struct PixelflyBlockRowPairs>(s.nnz * words);
+  const int64_t tiles = (s.rows + kPairTileRows - 1) / kPairTileRows;
+  const uint32_t* doutp = reinterpret_cast<const uint32_t*>(dout);
+#pragma omp parallel num_threads(threads_for(s, num_threads))
+  {
+#pragma omp for schedule(static)
+    for (int64_t e = 0; e < s.nnz; ++e) bf16::pack_rows(bs, bs, blocks + e * bs * bs, bs, packed + e * words);
+    float* acc = scratch<float, struct PixelflyTile>(std::max(kPairTileRows, bs) * bs);
+    std::vector<const uint32_t*> a, b;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < tiles * s.col_blocks; ++item) {
+      const int64_t t0 = item / s.col_blocks * kPairTileRows, cb = item % s.col_blocks;
+      const int64_t nt = std::min(kPairTileRows, s.rows - t0);
+      a.clear();
+      b.clear();
+      for (int64_t k = col_start[cb]; k < col_start[cb + 1]; ++k) {
+        a.push_back(doutp + (t0 * n_out + row_of[by_col[k]] * bs) / 2);
+        b.push_back(packed + by_col[k] * words);
+      }
+      // acc[t][b] = sum_e sum_a dout[t0 + t, row_e * bs + a] blocks[e, a, b]
+      bf16::gemm_sum(nt, bs, bs / 2, static_cast<int64_t>(a.size()), a.data(), n_out / 2, b.data(), 1.0f, acc, bs,
+                     false);
+      for (int64_t t = 0; t < nt; ++t) bf16::round_to_bf16(acc + t * bs, bs, bs, dx + (t0 + t) * n_in + cb * bs);
+    }
+    constexpr int64_t kReducePairs = kReduceRows / 2;
+    uint32_t* at = scratch<uint32_t, struct PixelflyTokenPairsA>(bs * kReducePairs);
+    uint32_t* bt = scratch<uint32_t, struct PixelflyTokenPairsB>(bf16::packed_words(bs, kReducePairs));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t e = 0; e < s.nnz; ++e) {
+      // acc[a][b] = sum_t dout[t, row_e * bs + a] x[t, col_e * bs + b]
+      for (int64_t t0 = 0; t0 < s.rows; t0 += kReduceRows) {
+        const int64_t nt = std::min(kReduceRows, s.rows - t0), kp = (nt + 1) / 2;
+        bf16::pair_columns(nt, bs, dout + t0 * n_out + row_of[e] * bs, n_out, at, kp);
+        bf16::pack_rows(nt, bs, x + t0 * xs + col_indices[e] * bs, xs, bt);
+        bf16::gemm(bs, bs, kp, at, kp, bt, 1.0f, acc, bs, t0 > 0);
+      }
+      bf16::round_to_bf16(acc, bs * bs, bs * bs, dblocks + e * bs * bs);
     }
   }
   return true;
@@ -178,6 +244,9 @@ void backward_typed(const BlockSparseShape& s, const void* dout, const void* x,
                     void* dblocks, int threads) {
   auto in = [](const void* p) { return static_cast<const T*>(p); };
   auto out = [](void* p) { return static_cast<T*>(p); };
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (backward_bf16_pairs(s, in(dout), in(x), in(blocks), ro, ci, out(dx), out(dblocks), threads)) return;
+  }
   switch (block_gemm::best_isa()) {
     case block_gemm::Isa::Avx512:
       return backward_impl<isa_avx512::Kernels>(s, in(dout), in(x), in(blocks), ro, ci, out(dx),
