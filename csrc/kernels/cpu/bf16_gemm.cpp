@@ -6,6 +6,7 @@
 #include "exp512.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -156,7 +157,15 @@ void pack_rows(int64_t K, int64_t N, const BFloat16* const* rows, uint32_t* out)
   pack_rows_of(K, N, [=](int64_t k) { return rows[k]; }, out);
 }
 
-EFFX_BF16_TARGET void transpose_to_bf16(int64_t A, int64_t B, const float* src, BFloat16* dst) {
+// The widening, narrowing and shift intrinsics have the same pass-through operand as above.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// dst[a * B + b] = src[b * A + a] as bf16, in 16 x 16 blocks through transpose_words: fp32
+// sources are rounded to bf16 (nearest even) on the store, bf16 ones widened to 32-bit words
+// on the load and narrowed back.
+template <typename S>
+EFFX_BF16_TARGET inline void transpose_blocks(int64_t A, int64_t B, const S* src, BFloat16* dst) {
   for (int64_t b0 = 0; b0 < B; b0 += 16) {
     const int64_t nb = std::min<int64_t>(16, B - b0);
     const __mmask16 out_mask = static_cast<__mmask16>((uint32_t{1} << nb) - 1);
@@ -165,40 +174,28 @@ EFFX_BF16_TARGET void transpose_to_bf16(int64_t A, int64_t B, const float* src, 
       const __mmask16 in_mask = static_cast<__mmask16>((uint32_t{1} << na) - 1);
       __m512i r[16];
       for (int64_t i = 0; i < 16; ++i) {
-        r[i] = i < nb ? _mm512_maskz_loadu_epi32(in_mask, src + (b0 + i) * A + a0) : _mm512_setzero_si512();
+        const S* row = src + (b0 + i) * A + a0;
+        if (i >= nb) r[i] = _mm512_setzero_si512();
+        else if constexpr (std::is_same_v<S, float>) r[i] = _mm512_maskz_loadu_epi32(in_mask, row);
+        else r[i] = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in_mask, row));
       }
       transpose_words(r);
       for (int64_t i = 0; i < na; ++i) {
-        const __m256bh h = _mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i]));
-        _mm256_mask_storeu_epi16(dst + (a0 + i) * B + b0, out_mask, reinterpret_cast<__m256i>(h));
+        __m256i h;
+        if constexpr (std::is_same_v<S, float>) h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i])));
+        else h = _mm512_cvtepi32_epi16(r[i]);
+        _mm256_mask_storeu_epi16(dst + (a0 + i) * B + b0, out_mask, h);
       }
     }
   }
 }
 
-// The widening, narrowing and shift intrinsics have the same pass-through operand as above.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+EFFX_BF16_TARGET void transpose_to_bf16(int64_t A, int64_t B, const float* src, BFloat16* dst) {
+  transpose_blocks(A, B, src, dst);
+}
 
 EFFX_BF16_TARGET void transpose(int64_t A, int64_t B, const BFloat16* src, BFloat16* dst) {
-  // 16 x 16 blocks widened to 32-bit words for transpose_words, narrowed again on the store.
-  for (int64_t b0 = 0; b0 < B; b0 += 16) {
-    const int64_t nb = std::min<int64_t>(16, B - b0);
-    const __mmask16 out_mask = static_cast<__mmask16>((uint32_t{1} << nb) - 1);
-    for (int64_t a0 = 0; a0 < A; a0 += 16) {
-      const int64_t na = std::min<int64_t>(16, A - a0);
-      const __mmask16 in_mask = static_cast<__mmask16>((uint32_t{1} << na) - 1);
-      __m512i r[16];
-      for (int64_t i = 0; i < 16; ++i) {
-        r[i] = i < nb ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in_mask, src + (b0 + i) * A + a0))
-                      : _mm512_setzero_si512();
-      }
-      transpose_words(r);
-      for (int64_t i = 0; i < na; ++i) {
-        _mm256_mask_storeu_epi16(dst + (a0 + i) * B + b0, out_mask, _mm512_cvtepi32_epi16(r[i]));
-      }
-    }
-  }
+  transpose_blocks(A, B, src, dst);
 }
 
 EFFX_BF16_TARGET void pair_columns(int64_t K, int64_t N, const BFloat16* src, int64_t ld, uint32_t* out,
