@@ -71,7 +71,8 @@ def test_median_times_alternates_and_keeps_names():
     got = harness.median_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
                                torch.device("cpu"), warmup=1, runs=3)
     assert set(got) == {"a", "b"} and all(t >= 0.0 for t in got.values())
-    assert order == ["a", "b"] + ["a", "b"] * 3  # warm-up of each, then one call of each per round
+    # warm-up of each, then per round each in turn: an untimed call (CPU), then the timed one
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3
 
 
 def test_report_tables_from_synthetic_json(tmp_path):

@@ -46,15 +46,22 @@ def median_times(fns: dict[str, Callable[[], object]], device: torch.device, *, 
 
     The calls take turns, one of each per round, so that a machine whose speed drifts (a shared
     VM, a GPU changing clocks) slows every candidate alike instead of whichever ran in the slow
-    minute. ``min_seconds`` extends the round count for very fast calls so the medians are stable.
+    minute. On a CPU each turn starts with one untimed call: the thread pool's workers may have
+    gone to sleep during the previous candidate's serial parts, and waking them costs a VM
+    milliseconds (measured: a 2 ms decode step took 10 ms after 50 ms idle), which would be
+    charged to whichever candidate comes next. ``min_seconds`` extends the round count for very
+    fast calls so the medians are stable.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     cuda = device.type == "cuda"
+    rewarm = not cuda and len(fns) > 1
     times: dict[str, list[float]] = {name: [] for name in fns}
     for rounds in range(1, 10 * runs + 1):
         for name, fn in fns.items():
+            if rewarm:
+                fn()
             times[name].append(_seconds(fn, cuda))
         spent = min(sum(t) for t in times.values())
         if rounds >= runs and spent >= min_seconds:
