@@ -480,6 +480,14 @@ void gemm_sum(int64_t, int64_t, int64_t, int64_t, const uint32_t* const*, int64_
 
 #endif
 
+void gemm_tokens(int64_t K, int64_t M, int64_t N, const BFloat16* u, int64_t ldu, const BFloat16* v, int64_t ldv,
+                 uint32_t* at, uint32_t* bt, float* c, int64_t ldc, bool accumulate) {
+  const int64_t kp = (K + 1) / 2;
+  pair_columns(K, M, u, ldu, at, kp);
+  pack_rows(K, N, v, ldv, bt);
+  gemm(M, N, kp, at, kp, bt, 1.0f, c, ldc, accumulate);
+}
+
 }  // namespace bf16
 }  // namespace cpu
 }  // namespace effx

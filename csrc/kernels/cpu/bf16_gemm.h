@@ -77,6 +77,12 @@ void transpose(int64_t A, int64_t B, const BFloat16* src, BFloat16* dst);
 // odd K zero. The A of a weight gradient, whose reduction runs down the rows (the tokens).
 void pair_columns(int64_t K, int64_t N, const BFloat16* src, int64_t ld, uint32_t* out, int64_t ld_out);
 
+// c[m * ldc + j] (+)= sum_k u[k * ldu + m] v[k * ldv + j] for m < M, j < N over K rows: U^T V,
+// a weight gradient whose reduction runs down the tokens, through pair_columns (into at, M x
+// (K + 1) / 2 words) and pack_rows (into bt, packed_words(N, (K + 1) / 2) words).
+void gemm_tokens(int64_t K, int64_t M, int64_t N, const BFloat16* u, int64_t ldu, const BFloat16* v, int64_t ldv,
+                 uint32_t* at, uint32_t* bt, float* c, int64_t ldc, bool accumulate);
+
 // dst[0, n) = src rounded to bf16 (nearest even), then zeros up to n_padded.
 void round_to_bf16(const float* src, int64_t n, int64_t n_padded, BFloat16* dst);
 

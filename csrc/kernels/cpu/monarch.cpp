@@ -283,7 +283,7 @@ std::pair<int64_t, int64_t> column_chunk(int64_t N, int64_t chunks, int64_t ch) 
 // the P2 order into bf16 g [t][l][s]; dz = g W2 block by block into fp32 [t][l][r], and P1
 // undone into bf16 dmid [t][k][q] (the intermediates in bf16, as on CUDA); then dx = dmid W1
 // and the weight gradients dW1 += dmid^T x, dW2 += g^T z, whose reductions run over the tile's
-// tokens (pair_columns, pack_rows), accumulated in fp32 across tiles. Threads split every product
+// tokens (gemm_tokens), accumulated in fp32 across tiles. Threads split every product
 // by weight blocks and column panels, so no gradient needs a reduction across threads. False
 // where it does not apply.
 bool backward_bf16_pairs(const MonarchShape& m, const BFloat16* dout, const BFloat16* x, const BFloat16* w1,
@@ -329,7 +329,7 @@ bool backward_bf16_pairs(const MonarchShape& m, const BFloat16* dout, const BFlo
     uint32_t* at = scratch<uint32_t, struct MonarchTokenPairsA>(std::max(m.q, m.s) * tile_pairs);
     uint32_t* bt = scratch<uint32_t, struct MonarchTokenPairsB>(bf16::packed_words(std::max(m.p, m.r), tile_pairs));
     for (int64_t t0 = 0; t0 < m.rows; t0 += tile) {
-      const int64_t nt = std::min(tile, m.rows - t0), kp = (nt + 1) / 2;
+      const int64_t nt = std::min(tile, m.rows - t0);
       const uint32_t* xp = reinterpret_cast<const uint32_t*>(x + t0 * xs);
 #pragma omp for schedule(static)
       for (int64_t item = 0; item < m.k * cq; ++item) {
@@ -364,15 +364,13 @@ bool backward_bf16_pairs(const MonarchShape& m, const BFloat16* dout, const BFlo
         } else if (item < dx_items + dw1_items) {  // dw1[i, a, b] += sum_t dmid[t, i*q + a] x[t, i*p + b]
           const int64_t i = (item - dx_items) / cp;
           const auto [b0, b1] = column_chunk(m.p, cp, (item - dx_items) % cp);
-          bf16::pair_columns(nt, m.q, dmid + i * m.q, n_mid, at, kp);
-          bf16::pack_rows(nt, b1 - b0, x + t0 * xs + i * m.p + b0, xs, bt);
-          bf16::gemm(m.q, b1 - b0, kp, at, kp, bt, 1.0f, dw1 + i * m.q * m.p + b0, m.p, t0 > 0);
+          bf16::gemm_tokens(nt, m.q, b1 - b0, dmid + i * m.q, n_mid, x + t0 * xs + i * m.p + b0, xs, at, bt,
+                            dw1 + i * m.q * m.p + b0, m.p, t0 > 0);
         } else {  // dw2[j, d, c] += sum_t g[t, j*s + d] z[t, j*r + c]
           const int64_t j = (item - dx_items - dw1_items) / cr;
           const auto [c0, c1] = column_chunk(m.r, cr, (item - dx_items - dw1_items) % cr);
-          bf16::pair_columns(nt, m.s, g + j * m.s, n_out, at, kp);
-          bf16::pack_rows(nt, c1 - c0, z + j * m.r + c0, n_mid, bt);
-          bf16::gemm(m.s, c1 - c0, kp, at, kp, bt, 1.0f, dw2 + j * m.s * m.r + c0, m.r, t0 > 0);
+          bf16::gemm_tokens(nt, m.s, c1 - c0, g + j * m.s, n_out, z + j * m.r + c0, n_mid, at, bt,
+                            dw2 + j * m.s * m.r + c0, m.r, t0 > 0);
         }
       }
     }

@@ -157,8 +157,7 @@ bool forward_bf16_pairs(const BlockSparseShape& s, const BFloat16* x, const BFlo
 // The bf16 backward on bf16 pairs, where forward_bf16_pairs runs: grad_x per (row tile,
 // block-column) as one gemm_sum over the column's stored blocks (grad_out's block-row slices
 // times the blocks packed along their rows), rounded once; grad_blocks per stored block, reduced
-// over the rows kReduceRows at a time (grad_out's slice as pairs of rows by pair_columns, x's by
-// pack_rows) in fp32. False where it does not apply.
+// over the rows kReduceRows at a time (gemm_tokens) in fp32. False where it does not apply.
 bool backward_bf16_pairs(const BlockSparseShape& s, const BFloat16* dout, const BFloat16* x, const BFloat16* blocks,
                          const int64_t* row_offsets, const int64_t* col_indices, BFloat16* dx, BFloat16* dblocks,
                          int num_threads) {
@@ -208,10 +207,8 @@ bool backward_bf16_pairs(const BlockSparseShape& s, const BFloat16* dout, const 
     for (int64_t e = 0; e < s.nnz; ++e) {
       // acc[a][b] = sum_t dout[t, row_e * bs + a] x[t, col_e * bs + b]
       for (int64_t t0 = 0; t0 < s.rows; t0 += kReduceRows) {
-        const int64_t nt = std::min(kReduceRows, s.rows - t0), kp = (nt + 1) / 2;
-        bf16::pair_columns(nt, bs, dout + t0 * n_out + row_of[e] * bs, n_out, at, kp);
-        bf16::pack_rows(nt, bs, x + t0 * xs + col_indices[e] * bs, xs, bt);
-        bf16::gemm(bs, bs, kp, at, kp, bt, 1.0f, acc, bs, t0 > 0);
+        bf16::gemm_tokens(std::min(kReduceRows, s.rows - t0), bs, bs, dout + t0 * n_out + row_of[e] * bs, n_out,
+                          x + t0 * xs + col_indices[e] * bs, xs, at, bt, acc, bs, t0 > 0);
       }
       bf16::round_to_bf16(acc, bs * bs, bs * bs, dblocks + e * bs * bs);
     }
