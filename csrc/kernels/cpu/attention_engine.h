@@ -6,16 +6,16 @@
 // one GQA group share every loaded block. With H2O scoring, a unit takes all query tokens of
 // its (row, kv-head) and keeps each block's exponentials with the running max they used, so
 // the final probabilities come from one rescale at the end instead of a second pass.
-// Units with many query rows (prefill, token trees, wide GQA groups) run both products
-// (scores = Q K^T, out += P V) through the register-tiled block GEMM of block_gemm.inc; a few
-// rows (decode) use register tiles that read the block in place in its storage dtype (widened
-// in registers), where packing the block for the GEMM would cost more than it saves. Over bf16
-// caches on CPUs with AVX512_BF16, the many-row products run on bf16 pairs instead (AMX tiles
-// where the CPU has them; the query rows unscaled, the scores scaled after, the probabilities
-// rounded to bf16). Plain (dense) storage and blocks of the step's new tokens are read in
-// place; other policies stage their cached blocks as fp32 (and, for bf16 pair products, back
-// to bf16 rows). A sliding window skips the blocks before the window of a unit's
-// first query and masks the rest per query.
+// Units with many query rows (prefill, token trees, wide GQA groups) run both products with
+// the query rows as the vector lanes (query_lanes.inc): keys and values are broadcast from
+// their rows in place, against the unit's transposed queries and probabilities; a few rows
+// (decode) use register tiles that read the block in place in its storage dtype (widened in
+// registers). Over bf16 caches on CPUs with AVX512_BF16, the many-row products run on bf16
+// pairs instead (AMX tiles where the CPU has them; the query rows unscaled, the scores scaled
+// after, the probabilities rounded to bf16). Plain (dense) storage and blocks of the step's
+// new tokens are read in place; other policies stage their cached blocks as fp32 (and, for
+// bf16 pair products, back to bf16 rows). A sliding window skips the blocks before the window
+// of a unit's first query and masks the rest per query.
 // The engine body is in attention_engine.inc, compiled once per instruction set.
 #pragma once
 
@@ -33,8 +33,9 @@
 namespace effx {
 namespace cpu {
 
-// Query rows per unit from which the block GEMM pays for its packing.
-constexpr int64_t kGemmRows = 16;
+// Query rows per unit from which the many-row products (query lanes, bf16 pairs) beat the
+// few-row register tiles.
+constexpr int64_t kManyRows = 16;
 
 // run_attention (attention_engine.inc) compiled for the widest instruction set of this CPU.
 // Cached names its storage type T as Cached::Storage.
