@@ -158,6 +158,23 @@ def test_dense_long_cache_every_cpu_isa(isa, dtype, kv_heads, q_heads, head_dim,
     assert max(errs) <= TOL[dtype]
 
 
+def test_cpu_isa_cap_empty_is_none_and_unknown_is_an_error(monkeypatch):
+    """EFFX_CPU_ISA= (empty) caps nothing, so the op gives bit for bit what it gives unset; a
+    misspelt value is refused by name instead of quietly running on the baseline path."""
+    torch.manual_seed(12)
+    cache = kv.DenseCache(1, 1, 2, 64, 64, dtype=torch.float32)
+    q, k, v = (randn(1, h, 20, 64, dtype=torch.float32, device="cpu") for h in (8, 2, 2))
+    monkeypatch.delenv("EFFX_CPU_ISA", raising=False)
+    unset = cache.attend(0, q, k, v)
+    cache.crop(0)
+    monkeypatch.setenv("EFFX_CPU_ISA", "")
+    assert torch.equal(cache.attend(0, q, k, v), unset)
+    cache.crop(0)
+    monkeypatch.setenv("EFFX_CPU_ISA", "avx-2")
+    with pytest.raises(ValueError, match=r"EFFX_CPU_ISA='avx-2'.*expected amx, avx512bf16, avx512, avx2 or baseline"):
+        cache.attend(0, q, k, v)
+
+
 @pytest.mark.parametrize("device,isa", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kv_heads,q_heads,head_dim", [(2, 8, 64), (1, 2, 40)])

@@ -3,6 +3,7 @@
 // available() said so.
 #include "bf16_gemm.h"
 
+#include "block_gemm.h"
 #include "exp512.h"
 
 #include <algorithm>
@@ -28,7 +29,7 @@ namespace bf16 {
 #define EFFX_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 
 bool available() {
-  const char* cap = std::getenv("EFFX_CPU_ISA");
+  const char* cap = block_gemm::isa_cap();
   return (cap == nullptr || std::strcmp(cap, "amx") == 0 || std::strcmp(cap, "avx512bf16") == 0) &&
          __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512bf16");
@@ -46,7 +47,7 @@ bool amx_available() {
     return false;
 #endif
   }();
-  const char* cap = std::getenv("EFFX_CPU_ISA");
+  const char* cap = block_gemm::isa_cap();
   return granted && available() && (cap == nullptr || std::strcmp(cap, "amx") == 0);
 }
 

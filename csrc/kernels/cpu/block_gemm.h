@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -58,11 +60,25 @@ inline int64_t chunks_per_block(int64_t blocks, int64_t rows, int threads) {
 
 enum class Isa { Avx512, Avx2, Baseline };
 
+// The cap EFFX_CPU_ISA puts on the instruction sets: nullptr when unset or empty (no cap).
+// An unknown value throws rather than silently falling back to the slowest path (a typo of
+// "avx2" would otherwise run everything on the baseline).
+inline const char* isa_cap() {
+  const char* cap = std::getenv("EFFX_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return nullptr;
+  for (const char* known : {"amx", "avx512bf16", "avx512", "avx2", "baseline"}) {
+    if (std::strcmp(cap, known) == 0) return cap;
+  }
+  throw std::invalid_argument(std::string("effx: EFFX_CPU_ISA='") + cap +
+                              "' is not a known instruction set: expected amx, avx512bf16, avx512, avx2 or "
+                              "baseline, or unset for the widest this CPU runs");
+}
+
 // The widest instruction set this CPU runs; EFFX_CPU_ISA=avx2 or =baseline caps it (tests
 // use that to cover every variant on one machine; =avx512 also leaves out AVX512_BF16 and
 // =avx512bf16 leaves out AMX, see bf16_gemm.h, and =amx is the default made explicit).
 inline Isa best_isa() {
-  const char* cap = std::getenv("EFFX_CPU_ISA");
+  const char* cap = isa_cap();
   const bool allow_avx512 = cap == nullptr || std::strcmp(cap, "avx512") == 0 || std::strcmp(cap, "avx512bf16") == 0 ||
                             std::strcmp(cap, "amx") == 0;
   const bool allow_avx2 = allow_avx512 || std::strcmp(cap, "avx2") == 0;
