@@ -29,10 +29,8 @@ namespace bf16 {
 #define EFFX_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 
 bool available() {
-  const char* cap = block_gemm::isa_cap();
-  return (cap == nullptr || std::strcmp(cap, "amx") == 0 || std::strcmp(cap, "avx512bf16") == 0) &&
-         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512bf16");
+  return block_gemm::isa_cap() >= block_gemm::IsaCap::Avx512Bf16 && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
 }
 
 bool amx_available() {
@@ -47,8 +45,7 @@ bool amx_available() {
     return false;
 #endif
   }();
-  const char* cap = block_gemm::isa_cap();
-  return granted && available() && (cap == nullptr || std::strcmp(cap, "amx") == 0);
+  return granted && block_gemm::isa_cap() == block_gemm::IsaCap::Amx && available();
 }
 
 namespace {

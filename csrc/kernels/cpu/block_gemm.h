@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -60,14 +61,19 @@ inline int64_t chunks_per_block(int64_t blocks, int64_t rows, int threads) {
 
 enum class Isa { Avx512, Avx2, Baseline };
 
-// The cap EFFX_CPU_ISA puts on the instruction sets: nullptr when unset or empty (no cap).
-// An unknown value throws rather than silently falling back to the slowest path (a typo of
-// "avx2" would otherwise run everything on the baseline).
-inline const char* isa_cap() {
+// How far EFFX_CPU_ISA caps the instruction sets, narrowest first; unset or empty: no cap
+// (Amx). An unknown value throws rather than silently falling back to the slowest path (a
+// typo of "avx2" would otherwise run everything on the baseline).
+enum class IsaCap { Baseline, Avx2, Avx512, Avx512Bf16, Amx };
+
+inline IsaCap isa_cap() {
   const char* cap = std::getenv("EFFX_CPU_ISA");
-  if (cap == nullptr || *cap == '\0') return nullptr;
-  for (const char* known : {"amx", "avx512bf16", "avx512", "avx2", "baseline"}) {
-    if (std::strcmp(cap, known) == 0) return cap;
+  if (cap == nullptr || *cap == '\0') return IsaCap::Amx;
+  constexpr std::pair<const char*, IsaCap> kNames[] = {{"amx", IsaCap::Amx}, {"avx512bf16", IsaCap::Avx512Bf16},
+                                                       {"avx512", IsaCap::Avx512}, {"avx2", IsaCap::Avx2},
+                                                       {"baseline", IsaCap::Baseline}};
+  for (const auto& [name, level] : kNames) {
+    if (std::strcmp(cap, name) == 0) return level;
   }
   throw std::invalid_argument(std::string("effx: EFFX_CPU_ISA='") + cap +
                               "' is not a known instruction set: expected amx, avx512bf16, avx512, avx2 or "
@@ -78,18 +84,15 @@ inline const char* isa_cap() {
 // use that to cover every variant on one machine; =avx512 also leaves out AVX512_BF16 and
 // =avx512bf16 leaves out AMX, see bf16_gemm.h, and =amx is the default made explicit).
 inline Isa best_isa() {
-  const char* cap = isa_cap();
-  const bool allow_avx512 = cap == nullptr || std::strcmp(cap, "avx512") == 0 || std::strcmp(cap, "avx512bf16") == 0 ||
-                            std::strcmp(cap, "amx") == 0;
-  const bool allow_avx2 = allow_avx512 || std::strcmp(cap, "avx2") == 0;
+  const IsaCap cap = isa_cap();
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  if (allow_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+  if (cap >= IsaCap::Avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("fma"))
     return Isa::Avx512;
-  if (allow_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+  if (cap >= IsaCap::Avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
     return Isa::Avx2;
 #else
-  (void)allow_avx2;
+  (void)cap;
 #endif
   return Isa::Baseline;
 }
