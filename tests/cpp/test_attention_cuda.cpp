@@ -377,6 +377,14 @@ void all_cases(DType dtype) {
   }
 }
 
+// More (batch row, kv-head) blocks than a grid's y or z dimension holds (65535): the decode
+// path, with scores, and the fp32 engine (test_attention_simt_engine) must still place them.
+void wide_grid() {
+  const Shape s{16400, 4, 4, 64, 4, 1, std::vector<int64_t>(16400, 3), false, false};
+  dense<float>(DType::Float32, s, false);
+  dense<float>(DType::Float32, s, true);
+}
+
 }  // namespace
 
 int main() {
@@ -384,6 +392,7 @@ int main() {
   all_cases<float>(DType::Float32);
   all_cases<effx::Half>(DType::Float16);
   all_cases<effx::BFloat16>(DType::BFloat16);
+  wide_grid();
   std::printf("attention_cuda: ok\n");
   return 0;
 }

@@ -112,9 +112,8 @@ inline int rows_for(const AttentionArgs& a) {
 // wave of them, never a split shorter than kMinTokensPerSplit.
 inline Plan plan(const AttentionArgs& a, long long slots) {
   Plan p;
-  const long long group = a.q_heads / a.kv_heads;
   p.rows = rows_for(a);
-  p.row_chunks = static_cast<int>((group + p.rows - 1) / p.rows);
+  p.row_chunks = static_cast<int>(row_chunks(a, p.rows));
   const Splits s = one_wave(split_span(a, a.max_cached + 1), a.batch * a.kv_heads * p.row_chunks, slots,
                             kMinTokensPerSplit, 32);
   p.splits = s.count;
@@ -134,9 +133,10 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float acc_s[kSlots][ROWS][TPT * kVec];
   constexpr int D = TPT * kVec;
   const int tid = threadIdx.x, slot = tid / TPT, d0 = (tid % TPT) * kVec;
-  const int split = blockIdx.x;
-  const long long b = blockIdx.y / a.kv_heads, hk = blockIdx.y % a.kv_heads;
-  const long long group = a.q_heads / a.kv_heads, row0 = static_cast<long long>(blockIdx.z) * ROWS;
+  const BlockPlace at = block_place(a, ROWS);
+  const int split = at.split;
+  const long long b = at.b, hk = at.hk;
+  const long long group = a.q_heads / a.kv_heads, row0 = at.row0;
   const long long n = a.lengths[b * a.lengths_stride];
   const bool live = a.new_lengths == nullptr || a.new_lengths[b] > 0;  // else the row is padding
   const long long total = live ? n + 1 : 0;
@@ -243,8 +243,8 @@ __global__ void __launch_bounds__(kThreads)
 // (A template so that every CUDA source may include this header.)
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS) scores_kernel(AttentionArgs a, const float* raw, long long raw_stride) {
-  const long long t = blockIdx.x * static_cast<long long>(THREADS) + threadIdx.x;
-  const long long b = blockIdx.y / a.kv_heads, hk = blockIdx.y % a.kv_heads;
+  const long long t = blockIdx.y * static_cast<long long>(THREADS) + threadIdx.x;
+  const long long b = blockIdx.x / a.kv_heads, hk = blockIdx.x % a.kv_heads;
   const long long n = a.lengths[b * a.lengths_stride], group = a.q_heads / a.kv_heads;
   const bool live = a.new_lengths == nullptr || a.new_lengths[b] > 0;
   if (!live || t > n) return;

@@ -12,6 +12,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -78,8 +79,7 @@ inline size_t partial_bytes(const AttentionArgs& a, int splits) {
 inline AttentionPlan plan_attention(const AttentionArgs& a) {
   const int sms = multiprocessors();
   AttentionPlan p;
-  const long long group = a.q_heads / a.kv_heads;
-  p.row_chunks = static_cast<int>((group * a.q_len + kRows - 1) / kRows);
+  p.row_chunks = static_cast<int>(row_chunks(a, kRows));
   const long long units = a.batch * a.kv_heads * p.row_chunks;
   const long long max_total = split_span(a, a.max_cached + a.q_len);
   // Enough blocks for two waves, but no split shorter than 8 tiles.
@@ -134,13 +134,14 @@ __global__ void __launch_bounds__(kThreads)
   int* depth_s = reinterpret_cast<int*>(anc_s + kRows * mask_words);  // tree rows: position n + depth
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int split = blockIdx.x;
-  const long long b = blockIdx.y / a.kv_heads, hk = blockIdx.y % a.kv_heads;
+  const BlockPlace at = block_place(a, kRows);
+  const int split = at.split;
+  const long long b = at.b, hk = at.hk;
   const long long group = a.q_heads / a.kv_heads;
   const long long n = a.lengths[b * a.lengths_stride];
   long long tn = a.new_lengths ? a.new_lengths[b] : a.q_len;
   tn = tn < a.q_len ? tn : a.q_len;
-  const long long row0 = static_cast<long long>(blockIdx.z) * kRows;
+  const long long row0 = at.row0;
   // Row r of the block: query i = (row0 + r) / group of head hk * group + (row0 + r) % group.
   auto row_query = [&](int r) { return (row0 + r) / group; };
   auto row_valid = [&](int r) { return row0 + r < group * a.q_len && row_query(r) < tn; };
@@ -308,13 +309,13 @@ cudaError_t run_decode_with(const AttentionArgs& a, const Rows& cached, void* wo
   const decode::Plan p = decode::plan(a, cached_slots<decode::decode_kernel<T, ROWS, TPT, Rows>>(decode::kThreads));
   float* partial = static_cast<float*>(workspace);
   float* raw = a.scores ? reinterpret_cast<float*>(static_cast<char*>(workspace) + partial_bytes(a, p.splits)) : nullptr;
-  const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_chunks);
+  const dim3 grid = attention_grid(a, ROWS, p.splits);
   kernel<<<grid, decode::kThreads, 0, stream>>>(a, cached, p.tokens_per_split, partial, raw, p.raw_stride);
   if (p.splits > 1) {
     combine_kernel<T><<<static_cast<unsigned>(a.batch * a.q_heads), 128, 0, stream>>>(a, p.splits, partial);
   }
   if (raw) {
-    const dim3 sgrid(static_cast<unsigned>((a.max_cached + 1 + 255) / 256), static_cast<unsigned>(a.batch * a.kv_heads));
+    const dim3 sgrid(static_cast<unsigned>(a.batch * a.kv_heads), static_cast<unsigned>((a.max_cached + 1 + 255) / 256));
     decode::scores_kernel<256><<<sgrid, 256, 0, stream>>>(a, raw, p.raw_stride);
   }
   return cudaGetLastError();
@@ -340,16 +341,22 @@ cudaError_t run_decode(const AttentionArgs& a, const Rows& cached, void* workspa
   }
 }
 
+// Whether the tensor-core kernel's shared memory for this call (its tree mask included) fits
+// the GPU: at D = 128 a tree of more than 672 new tokens does not on sm_86/89.
+inline bool mma_fits(const AttentionArgs& a) {
+  const int words = mma::tree_words(a);
+  return (a.head_dim == 64 ? mma::Layout<64>::bytes(words) : mma::Layout<128>::bytes(words)) <= smem_optin();
+}
+
 // The tensor-core kernel's shared-memory opt-in and occupancy, once per kernel and process at
-// its largest size (the deepest tree mask): a speculative step calls it per layer.
+// the largest size a call may need (the deepest tree mask, or all the GPU allows: mma_fits
+// keeps deeper trees off this path); a speculative step calls it per layer.
 template <typename T, int D, typename Rows>
 cudaError_t mma_setup(long long* slots) {
-  static const cudaError_t err = [] {
-    return cudaFuncSetAttribute(mma::mma_kernel<T, D, Rows>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(mma::Layout<D>::bytes(mma::kMaxTreeWords)));
-  }();
-  static const long long resident =
-      slots_for(mma::mma_kernel<T, D, Rows>, mma::kThreads, mma::Layout<D>::bytes(mma::kMaxTreeWords));
+  static const size_t most = std::min(mma::Layout<D>::bytes(mma::kMaxTreeWords), smem_optin());
+  static const cudaError_t err = cudaFuncSetAttribute(
+      mma::mma_kernel<T, D, Rows>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most));
+  static const long long resident = slots_for(mma::mma_kernel<T, D, Rows>, mma::kThreads, most);
   *slots = resident;
   return err;
 }
@@ -362,7 +369,7 @@ cudaError_t run_mma_dim(const AttentionArgs& a, const Rows& cached, void* worksp
   if (err != cudaSuccess) return err;
   const size_t smem = mma::Layout<D>::bytes(mma::tree_words(a));
   const mma::Plan p = mma::plan(a, slots);
-  const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_blocks);
+  const dim3 grid = attention_grid(a, mma::kRows, p.splits);
   float* partial = static_cast<float*>(workspace);
   kernel<<<grid, mma::kThreads, smem, stream>>>(a, cached, p.tokens_per_split, p.mask_words, partial);
   if (p.splits > 1) {
@@ -381,7 +388,7 @@ cudaError_t run_attention(const AttentionArgs& a, const Cached& cached, void* wo
     if (fast && decode::eligible(a, cached.rows_aligned(a))) return run_decode<T>(a, cached, workspace, stream);
   }
   if constexpr (has_tiles<Cached>::value && !std::is_same<T, float>::value) {
-    if (fast && mma::eligible(a, cached.tiles_aligned(a))) {
+    if (fast && mma::eligible(a, cached.tiles_aligned(a)) && mma_fits(a)) {
       return a.head_dim == 64 ? run_mma_dim<T, 64>(a, cached, workspace, stream)
                               : run_mma_dim<T, 128>(a, cached, workspace, stream);
     }
@@ -394,7 +401,7 @@ cudaError_t run_attention(const AttentionArgs& a, const Cached& cached, void* wo
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_chunks);
+  const dim3 grid = attention_grid(a, kRows, p.splits);
   kernel<<<grid, kThreads, p.smem_bytes, stream>>>(a, cached, p.tokens_per_split, static_cast<float*>(workspace));
   if (p.splits > 1) {
     combine_kernel<T><<<static_cast<unsigned>(a.batch * a.q_heads * a.q_len), 128, 0, stream>>>(

@@ -60,8 +60,7 @@ inline int tree_words(const AttentionArgs& a) { return a.parents ? static_cast<i
 // slots: blocks the device runs at once; one wave of them (see decode::plan).
 inline Plan plan(const AttentionArgs& a, long long slots) {
   Plan p;
-  const long long group = a.q_heads / a.kv_heads;
-  p.row_blocks = static_cast<int>((group * a.q_len + kRows - 1) / kRows);
+  p.row_blocks = static_cast<int>(row_chunks(a, kRows));
   const Splits s =
       one_wave(split_span(a, a.max_cached + a.q_len), a.batch * a.kv_heads * p.row_blocks, slots,
                kMinTokensPerSplit, kTile);
@@ -106,13 +105,14 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t* anc_s = reinterpret_cast<uint32_t*>(depth_s + kRows);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int split = blockIdx.x;
-  const long long b = blockIdx.y / a.kv_heads, hk = blockIdx.y % a.kv_heads;
+  const BlockPlace at = block_place(a, kRows);
+  const int split = at.split;
+  const long long b = at.b, hk = at.hk;
   const long long group = a.q_heads / a.kv_heads, rows = group * a.q_len;
   const long long n = a.lengths[b * a.lengths_stride];
   long long tn = a.new_lengths ? a.new_lengths[b] : a.q_len;
   tn = tn < a.q_len ? tn : a.q_len;
-  const long long row0 = static_cast<long long>(blockIdx.z) * kRows;
+  const long long row0 = at.row0;
   // Row r of the block: query i = (row0 + r) / group of head hk * group + (row0 + r) % group.
   auto row_query = [&](long long r) { return (row0 + r) / group; };
   auto row_valid = [&](long long r) { return row0 + r < rows && row_query(r) < tn; };

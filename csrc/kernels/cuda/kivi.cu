@@ -105,7 +105,7 @@ __device__ __forceinline__ Leaving leaving(const KiviStorage& s, long long b, lo
 template <typename T, int BITS>
 __global__ void quantize_leaving_kernel(KiviStorage s, KiviDims k, Strided kn, Strided vn, long long new_len,
                                         const int64_t* new_lengths) {
-  const long long bh = blockIdx.y, b = bh / k.H;
+  const long long bh = blockIdx.x, b = bh / k.H;
   const Leaving x = leaving(s, b, new_len, new_lengths);
   const T* k_res = static_cast<const T*>(s.k_res) + bh * k.D * k.R;
   const T* v_res = static_cast<const T*>(s.v_res) + bh * k.R * k.D;
@@ -113,8 +113,8 @@ __global__ void quantize_leaving_kernel(KiviStorage s, KiviDims k, Strided kn, S
   const T* vb = static_cast<const T*>(vn.data) + b * vn.sb + (bh % k.H) * vn.sh;
   const long long v_items = (x.vq1 - x.vq) * k.v_groups, k_items = k.D * ((x.kq1 - x.kq) / k.G);
   const int G = static_cast<int>(k.G);
-  for (long long item = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; item < v_items + k_items;
-       item += static_cast<long long>(gridDim.x) * blockDim.x) {
+  for (long long item = blockIdx.y * static_cast<long long>(blockDim.x) + threadIdx.x; item < v_items + k_items;
+       item += static_cast<long long>(gridDim.y) * blockDim.x) {
     if (item < v_items) {  // value group g of token t: G channels of one row
       const long long t = x.vq + item / k.v_groups, g = item % k.v_groups;
       const T* row = (t < x.n ? v_res + (t % k.R) * k.D : vb + (t - x.n) * vn.st) + g * k.G;
@@ -144,7 +144,7 @@ __global__ void quantize_leaving_kernel(KiviStorage s, KiviDims k, Strided kn, S
 template <typename T>
 __global__ void fill_residual_kernel(KiviStorage s, KiviDims k, Strided kn, Strided vn, long long new_len,
                                      const int64_t* new_lengths) {
-  const long long bh = blockIdx.y, b = bh / k.H;
+  const long long bh = blockIdx.x, b = bh / k.H;
   const Leaving x = leaving(s, b, new_len, new_lengths);
   T* k_res = static_cast<T*>(s.k_res) + bh * k.D * k.R;
   T* v_res = static_cast<T*>(s.v_res) + bh * k.R * k.D;
@@ -153,8 +153,8 @@ __global__ void fill_residual_kernel(KiviStorage s, KiviDims k, Strided kn, Stri
   const long long n1 = x.n + x.tn;
   const long long k0 = x.kq1 > x.n ? x.kq1 : x.n, v0 = x.vq1 > x.n ? x.vq1 : x.n;
   const long long k_items = (n1 - k0) * k.D, v_items = (n1 - v0) * k.D;
-  for (long long item = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; item < k_items + v_items;
-       item += static_cast<long long>(gridDim.x) * blockDim.x) {
+  for (long long item = blockIdx.y * static_cast<long long>(blockDim.x) + threadIdx.x; item < k_items + v_items;
+       item += static_cast<long long>(gridDim.y) * blockDim.x) {
     if (item < k_items) {
       const long long t = k0 + item / k.D, d = item % k.D;
       k_res[d * k.R + t % k.R] = kb[(t - x.n) * kn.st + d];
@@ -181,7 +181,7 @@ cudaError_t run_codes_with(const AttentionArgs& a, const KiviStorage& s, void* w
   auto kernel = kivi_decode::kivi_decode_kernel<T, BITS, ROWS, D>;
   const kivi_decode::Plan p =
       kivi_decode::plan(a, BITS, cached_slots<kivi_decode::kivi_decode_kernel<T, BITS, ROWS, D>>(kivi_decode::kThreads));
-  const dim3 grid(p.splits, static_cast<unsigned>(a.batch * a.kv_heads), p.row_chunks);
+  const dim3 grid = attention_grid(a, ROWS, p.splits);
   float* partial = static_cast<float*>(workspace);
   kernel<<<grid, kivi_decode::kThreads, 0, stream>>>(a, s, p.tokens_per_split, partial);
   if (p.splits > 1) {
@@ -225,8 +225,9 @@ cudaError_t append_typed(const KiviStorage& s, const Strided& kn, const Strided&
   // key tokens leave the residual; at most new_len tokens of each enter it.
   const long long quantize = new_len * k.v_groups + k.D * ((new_len + k.R) / k.G), fill = 2 * new_len * k.D;
   const long long most = std::max(quantize, fill);
-  const dim3 grid(static_cast<unsigned>(std::min<long long>((most + 255) / 256, 4096)),
-                  static_cast<unsigned>(s.batch * s.heads));
+  // (batch row, head) on x, which allows 2^31 - 1 of them; a grid-stride loop on y.
+  const dim3 grid(static_cast<unsigned>(s.batch * s.heads),
+                  static_cast<unsigned>(std::min<long long>((most + 255) / 256, 4096)));
   if (s.bits == 2) {
     quantize_leaving_kernel<T, 2><<<grid, 256, 0, stream>>>(s, k, kn, vn, new_len, new_lengths);
   } else {

@@ -45,9 +45,9 @@ struct Plan {
 // slots: blocks the device runs at once; one wave of them (see decode::plan).
 inline Plan plan(const AttentionArgs& a, int bits, long long slots) {
   Plan p;
-  const long long group = a.q_heads / a.kv_heads, chunk = kWordsPerChunk * 32 / bits;
+  const long long chunk = kWordsPerChunk * 32 / bits;
   p.rows = decode::rows_for(a);
-  p.row_chunks = static_cast<int>((group + p.rows - 1) / p.rows);
+  p.row_chunks = static_cast<int>(row_chunks(a, p.rows));
   const Splits s = one_wave(split_span(a, a.max_cached + 1), a.batch * a.kv_heads * p.row_chunks, slots, chunk,
                             chunk);
   p.splits = s.count;
@@ -76,9 +76,10 @@ __global__ void __launch_bounds__(kThreads)
   float* s_s = work;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int split = blockIdx.x;
-  const long long b = blockIdx.y / a.kv_heads, hk = blockIdx.y % a.kv_heads, bh = b * st.heads + hk;
-  const long long group = a.q_heads / a.kv_heads, row0 = static_cast<long long>(blockIdx.z) * ROWS;
+  const BlockPlace at = block_place(a, ROWS);
+  const int split = at.split;
+  const long long b = at.b, hk = at.hk, bh = b * st.heads + hk;
+  const long long group = a.q_heads / a.kv_heads, row0 = at.row0;
   const long long n = st.state[b * 3], kq = st.state[b * 3 + 1], vq = st.state[b * 3 + 2];
   const long long C = st.capacity, R = st.residual, G = st.group_size;
   const bool live = a.new_lengths == nullptr || a.new_lengths[b] > 0;

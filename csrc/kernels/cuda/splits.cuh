@@ -53,6 +53,30 @@ __host__ __device__ inline long long window_begin(const AttentionArgs& a, long l
   return window_first(a, position) / align * align;
 }
 
+// Where an attention block sits. blockIdx.x walks (batch row, kv-head, row chunk), the chunk
+// fastest so that the chunks of one head read its keys back to back (from L2); blockIdx.y is
+// the token split. x holds 2^31 - 1 blocks where y and z stop at 65535, which a long GQA
+// prefill passes (a 128k-token prompt with 4 query heads per kv-head makes 65536 chunks of 8).
+struct BlockPlace {
+  long long b, hk, row0;  // batch row, kv-head, first row of the GQA group's [group * q_len]
+  int split;
+};
+
+__host__ __device__ inline long long row_chunks(const AttentionArgs& a, int rows_per_block) {
+  return (a.q_heads / a.kv_heads * a.q_len + rows_per_block - 1) / rows_per_block;
+}
+
+inline dim3 attention_grid(const AttentionArgs& a, int rows_per_block, int splits) {
+  return dim3(static_cast<unsigned>(a.batch * a.kv_heads * row_chunks(a, rows_per_block)), static_cast<unsigned>(splits));
+}
+
+__device__ __forceinline__ BlockPlace block_place(const AttentionArgs& a, int rows_per_block) {
+  const long long chunks = row_chunks(a, rows_per_block);
+  const long long unit = blockIdx.x / chunks;
+  return BlockPlace{unit / a.kv_heads, unit % a.kv_heads, static_cast<long long>(blockIdx.x % chunks) * rows_per_block,
+                    static_cast<int>(blockIdx.y)};
+}
+
 // Element d of query row o (its index in [B, Hq, Tq]) from a block that holds its unnormalized
 // sum `acc`, running max m and softmax sum l: the output and (d = 0) the LSE when one split
 // covers the whole range, else the split's partial (acc, m, l). Padding rows (valid false)
@@ -61,7 +85,7 @@ template <typename T>
 __device__ __forceinline__ void write_result(const AttentionArgs& a, float* partial, int split, long long o, int d,
                                              float acc, float m, float l, bool valid) {
   const long long D = a.head_dim;
-  if (gridDim.x == 1) {
+  if (gridDim.y == 1) {  // one split (attention_grid)
     const bool some = valid && l > 0.0f;
     static_cast<T*>(a.out)[o * D + d] = from_float<T>(some ? acc / l : 0.0f);
     if (d == 0 && a.lse) a.lse[o] = some ? m + logf(l) : -INFINITY;

@@ -317,11 +317,13 @@ cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
 }
-// An H200's multiprocessor count, so the kernels plan their grids as they would there.
+// An H200's, so the kernels plan their grids as they would there.
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
-  *value = 132;
-  return cudaSuccess;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 cudaError_t cudaGetLastError() { return effx::simt::take_error(); }
 const char* cudaGetErrorString(cudaError_t err) {
