@@ -86,6 +86,7 @@ int main() {
   compare(2, 3, 700, 4, 100, 37, 2);  // more tokens than a block's threads
   compare(2, 1, 64, 4, 0, 16, 3);     // recent only
   compare(1, 2, 50, 4, 25, 0, 4);     // heavy only
+  compare(0, 2, 16, 4, 4, 4, 5);      // an empty batch: nothing to launch
   std::printf("h2o_cuda: ok\n");
   return 0;
 }

@@ -117,6 +117,7 @@ template <typename T>
 void pixelfly_cases(DType dtype) {
   pixelfly<T>(dtype, 45, 16, 4, 3, 0);
   pixelfly<T>(dtype, 20, 32, 3, 4, 8);
+  pixelfly<T>(dtype, 150, 4, 5, 6, 3);  // three token tiles for each block row and column
 }
 
 }  // namespace

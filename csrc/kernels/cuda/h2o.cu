@@ -26,6 +26,12 @@ __device__ __forceinline__ bool sees_new(const AttentionArgs& a, long long b, lo
   return !a.causal || j <= i;
 }
 
+// Score blocks: one per (batch row, kv-head, token tile), on grid x alone (y would stop at
+// 65535 tiles, a 4M-token cache); the tiles of one head run next to each other.
+__host__ __device__ inline long long score_tiles(const AttentionArgs& a) {
+  return (a.max_cached + a.q_len + kScoreTile - 1) / kScoreTile;
+}
+
 // scores[b, h, t] += sum over the group's query rows of exp(q.k_t * scale - lse_row), with
 // the cached tokens from the dense cache and the new ones from k_new (their entries are set).
 template <typename T>
@@ -34,11 +40,11 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(AttentionArgs a, D
   const int D = static_cast<int>(a.head_dim);
   float* k_s = smem;                        // [kScoreTile][D + 1]
   float* q_s = k_s + kScoreTile * (D + 1);  // [kScoreRows][D]
-  const long long b = blockIdx.x / a.kv_heads, hk = blockIdx.x % a.kv_heads;
+  const long long unit = blockIdx.x / score_tiles(a), b = unit / a.kv_heads, hk = unit % a.kv_heads;
   const long long n = a.lengths[b * a.lengths_stride];
   long long tn = a.new_lengths ? a.new_lengths[b] : a.q_len;
   tn = tn < a.q_len ? tn : a.q_len;
-  const long long total = n + tn, t0 = static_cast<long long>(blockIdx.y) * kScoreTile;
+  const long long total = n + tn, t0 = blockIdx.x % score_tiles(a) * kScoreTile;
   if (t0 >= total) return;
   const long long group = a.q_heads / a.kv_heads, rows = group * tn;
   const T* kc = static_cast<const T*>(kv.k) + b * kv.sb + hk * kv.sh;
@@ -200,14 +206,14 @@ cudaError_t score_typed(const AttentionArgs& a, const DenseKV& kv, cudaStream_t 
                                                  static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  const long long tiles = (a.max_cached + a.q_len + kScoreTile - 1) / kScoreTile;
-  const dim3 grid(static_cast<unsigned>(a.batch * a.kv_heads), static_cast<unsigned>(tiles));
+  const unsigned grid = static_cast<unsigned>(a.batch * a.kv_heads * score_tiles(a));
   score_kernel<T><<<grid, kScoreThreads, smem, stream>>>(a, kv);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t evict_typed(const H2OStorage& s, int64_t heavy, int64_t recent, void* workspace, cudaStream_t stream) {
+  if (s.batch * s.heads == 0) return cudaSuccess;  // a grid of no blocks is a launch error
   evict_kernel<T><<<static_cast<unsigned>(s.batch * s.heads), kEvictThreads, 0, stream>>>(
       s, heavy, recent, static_cast<int*>(workspace));
   clamp_held_kernel<<<static_cast<unsigned>((s.batch + 127) / 128), 128, 0, stream>>>(s, heavy + recent);

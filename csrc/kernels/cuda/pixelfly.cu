@@ -13,6 +13,8 @@ namespace {
 constexpr int kTile = 64, kStep = 32, kThreads = 256;
 constexpr int kLdA = kStep + 1, kLdB = kTile + 4;
 
+__host__ __device__ inline long long token_tiles(long long rows) { return (rows + kTile - 1) / kTile; }
+
 struct Tile {
   float acc[4][4];
 };
@@ -56,8 +58,8 @@ __global__ void __launch_bounds__(kThreads)
                    T* __restrict__ out) {
   __shared__ float As[kTile * kLdA];
   __shared__ float Bs[kStep * kLdB];
-  const long long t0 = static_cast<long long>(blockIdx.x) * kTile;
-  const long long rb = blockIdx.y;
+  const long long t0 = blockIdx.x % token_tiles(s.rows) * kTile;
+  const long long rb = blockIdx.x / token_tiles(s.rows);
   const int bs = static_cast<int>(s.block);
   Tile t = {};
   const long long e_end = min(static_cast<long long>(row_offsets[rb + 1]), static_cast<long long>(s.nnz));
@@ -92,8 +94,8 @@ __global__ void __launch_bounds__(kThreads)
                   T* __restrict__ dx) {
   __shared__ float As[kTile * kLdA];
   __shared__ float Bs[kStep * kLdB];
-  const long long t0 = static_cast<long long>(blockIdx.x) * kTile;
-  const long long cb = blockIdx.y;
+  const long long t0 = blockIdx.x % token_tiles(s.rows) * kTile;
+  const long long cb = blockIdx.x / token_tiles(s.rows);
   const int bs = static_cast<int>(s.block);
   const long long n_out = s.row_blocks * s.block;
   Tile t = {};
@@ -161,7 +163,11 @@ __global__ void __launch_bounds__(kThreads)
   store(t, dblocks + e * bs * bs, bs, bs, bs);
 }
 
-unsigned tiles(long long rows) { return static_cast<unsigned>((rows + kTile - 1) / kTile); }
+// One block per (block row or column, token tile), on grid x alone (y stops at 65535 block rows,
+// which block size 1 reaches); the token tiles of one block row run next to each other.
+unsigned grid_for_blocks(long long rows, long long blocks) {
+  return static_cast<unsigned>(token_tiles(rows) * blocks);
+}
 
 template <typename F>
 cudaError_t by_dtype(DType dtype, F&& f) {
@@ -182,7 +188,7 @@ cudaError_t block_sparse_forward(const BlockSparseShape& s, DType dtype, const v
   if (s.rows == 0 || s.row_blocks == 0) return cudaSuccess;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    forward_kernel<T><<<dim3(tiles(s.rows), static_cast<unsigned>(s.row_blocks)), kThreads, 0,
+    forward_kernel<T><<<grid_for_blocks(s.rows, s.row_blocks), kThreads, 0,
                         stream>>>(s, static_cast<const T*>(x), static_cast<const T*>(blocks),
                                   row_offsets, col_indices, static_cast<T*>(out));
     return cudaGetLastError();
@@ -196,7 +202,7 @@ cudaError_t block_sparse_backward(const BlockSparseShape& s, DType dtype, const 
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (s.rows > 0 && s.col_blocks > 0) {
-      grad_x_kernel<T><<<dim3(tiles(s.rows), static_cast<unsigned>(s.col_blocks)), kThreads, 0,
+      grad_x_kernel<T><<<grid_for_blocks(s.rows, s.col_blocks), kThreads, 0,
                          stream>>>(s, static_cast<const T*>(grad_out),
                                    static_cast<const T*>(blocks), row_offsets, col_indices,
                                    static_cast<T*>(grad_x));
