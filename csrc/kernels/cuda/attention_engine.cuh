@@ -13,6 +13,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -348,17 +349,28 @@ inline bool mma_fits(const AttentionArgs& a) {
   return (a.head_dim == 64 ? mma::Layout<64>::bytes(words) : mma::Layout<128>::bytes(words)) <= smem_optin();
 }
 
-// The tensor-core kernel's shared-memory opt-in and occupancy, once per kernel and process at
-// the largest size a call may need (the deepest tree mask, or all the GPU allows: mma_fits
-// keeps deeper trees off this path); a speculative step calls it per layer.
+// The tensor-core kernel's shared-memory opt-in at the largest size a call may need (the
+// deepest tree mask, or all the GPU allows: mma_fits keeps deeper trees off this path), and
+// its occupancy. A speculative step calls this per layer, so it is done once; but the opt-in
+// belongs to each device's context, so once per device, and a failure is not remembered.
 template <typename T, int D, typename Rows>
 cudaError_t mma_setup(long long* slots) {
+  constexpr int kDevices = 64;
+  static std::atomic<bool> opted_in[kDevices];
   static const size_t most = std::min(mma::Layout<D>::bytes(mma::kMaxTreeWords), smem_optin());
-  static const cudaError_t err = cudaFuncSetAttribute(
-      mma::mma_kernel<T, D, Rows>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most));
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const bool known = device >= 0 && device < kDevices;
+  if (!known || !opted_in[device].load(std::memory_order_acquire)) {
+    err = cudaFuncSetAttribute(mma::mma_kernel<T, D, Rows>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(most));
+    if (err != cudaSuccess) return err;
+    if (known) opted_in[device].store(true, std::memory_order_release);
+  }
   static const long long resident = slots_for(mma::mma_kernel<T, D, Rows>, mma::kThreads, most);
   *slots = resident;
-  return err;
+  return cudaSuccess;
 }
 
 template <typename T, int D, typename Rows>
