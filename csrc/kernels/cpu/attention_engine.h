@@ -29,6 +29,7 @@
 #include "block_gemm.h"
 #include "effx/attention.h"
 #include "exp512.h"
+#include "line_aligned.h"
 
 namespace effx {
 namespace cpu {
