@@ -4,7 +4,7 @@
 #include "bf16_gemm.h"
 
 #include "block_gemm.h"
-#include "exp512.h"
+#include "exp2_avx512.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -225,14 +225,14 @@ EFFX_BF16_TARGET void pair_columns(int64_t K, int64_t N, const BFloat16* src, in
 
 #pragma GCC diagnostic pop
 
-EFFX_BF16_TARGET float exp_shifted_sum(const float* s, int64_t n, float mx, BFloat16* p, int64_t n_padded) {
+EFFX_BF16_TARGET float exp2_shifted_sum(const float* s, int64_t n, float mx, BFloat16* p, int64_t n_padded) {
   __m512 acc = _mm512_setzero_ps();
   const __m512 m = _mm512_set1_ps(mx);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 k = static_cast<__mmask16>((uint32_t{1} << std::min<int64_t>(16, n - j)) - 1);
-    // missing lanes: -inf, exp 0
+    // missing lanes: -inf, 2^-inf = 0
     const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()), k, s + j);
-    const __m512 e = exp512_nonpositive(_mm512_sub_ps(x, m));
+    const __m512 e = exp2_512_nonpositive(_mm512_sub_ps(x, m));
     acc = _mm512_add_ps(acc, e);
     _mm256_mask_storeu_epi16(p + j, k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
   }
@@ -466,7 +466,7 @@ void pack_rows(int64_t, int64_t, const BFloat16* const*, uint32_t*) { std::abort
 void transpose_to_bf16(int64_t, int64_t, const float*, BFloat16*) { std::abort(); }
 void transpose(int64_t, int64_t, const BFloat16*, BFloat16*) { std::abort(); }
 void pair_columns(int64_t, int64_t, const BFloat16*, int64_t, uint32_t*, int64_t) { std::abort(); }
-float exp_shifted_sum(const float*, int64_t, float, BFloat16*, int64_t) { std::abort(); }
+float exp2_shifted_sum(const float*, int64_t, float, BFloat16*, int64_t) { std::abort(); }
 void round_to_bf16(const float*, int64_t, int64_t, BFloat16*) { std::abort(); }
 void gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, float, float*, int64_t, bool) {
   std::abort();

@@ -63,10 +63,10 @@ void pack_rows(int64_t K, int64_t N, const BFloat16* const* rows, uint32_t* out)
 // [B][A] matrix transposed into a bf16 [A][B] one (Monarch's permutations between its stages).
 void transpose_to_bf16(int64_t A, int64_t B, const float* src, BFloat16* dst);
 
-// p[j] = exp(s[j] - mx) rounded to bf16 (nearest even) for j < n (s[j] <= mx, -inf allowed),
-// zeros up to n_padded; returns the sum of the unrounded exponentials. The probabilities of
-// the attention engine's bf16 P V product, without a pass over fp32 ones.
-float exp_shifted_sum(const float* s, int64_t n, float mx, BFloat16* p, int64_t n_padded);
+// p[j] = 2^(s[j] - mx) rounded to bf16 (nearest even) for j < n (s[j] <= mx, -inf allowed),
+// zeros up to n_padded; returns the sum of the unrounded powers. The probabilities of the
+// attention engine's bf16 P V product (its scores are in base 2), without a pass over fp32 ones.
+float exp2_shifted_sum(const float* s, int64_t n, float mx, BFloat16* p, int64_t n_padded);
 
 // dst[a * B + b] = src[b * A + a] for a < A, b < B: a bf16 [B][A] matrix transposed (Monarch's
 // backward undoes the output permutation on the incoming gradient).
