@@ -88,6 +88,9 @@ void round_to_bf16(const float* src, int64_t n, int64_t n_padded, BFloat16* dst)
 
 // c[m * ldc + j] (+)= alpha * sum_p a_m[p] . B[p][j] for m < M, j < N: a_m is KP words at
 // a + m * lda (alpha: the softmax scale of unscaled queries, applied as the tile is stored).
+// Packed B should start on a 64-byte cache line (LineVector, scratch.h): AMX loads it in place,
+// at under half the rate when its rows straddle lines; A rows that do not start on lines are
+// copied first.
 void gemm(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t lda, const uint32_t* packed, float alpha,
           float* c, int64_t ldc, bool accumulate);
 

@@ -5,17 +5,19 @@
 #pragma once
 
 #include <cstddef>
-#include <vector>
+
+#include "line_aligned.h"
 
 namespace effx {
 namespace cpu {
 
 // At least n elements of this thread's buffer named by Tag (a distinct tag per buffer live at
 // the same time; a type declared in place, as in scratch<float, struct MonarchOut1>(n)).
-// Contents are unspecified: what the last call on this thread left there.
+// Contents are unspecified: what the last call on this thread left there. The buffer starts on
+// a cache line, as AMX tile loads need to run at their rate (bf16_gemm.h).
 template <typename T, typename Tag>
 T* scratch(std::size_t n) {
-  thread_local std::vector<T> buffer;
+  thread_local LineVector<T> buffer;
   if (buffer.size() < n) buffer.resize(n);
   return buffer.data();
 }

@@ -22,6 +22,7 @@
 
 #include "bf16_gemm.h"
 #include "half_bits.h"
+#include "line_aligned.h"
 
 // The hot loops are compiled for AVX-512 and AVX2 as well as the baseline; the loader picks the
 // best one the CPU supports (the choice is fixed per machine, so results stay reproducible).
@@ -385,9 +386,9 @@ bool pairs_apply(int64_t batch, bool shared) {
 
 // The rows of m (n values each, at stride ld) as bf16 pairs: contiguous rows of
 // round_up(n, 2) values, a zero in the pad (so an odd reduction reads 0 x 0).
-std::vector<uint32_t> as_pairs(const BFloat16* m, int64_t rows, int64_t n, int64_t ld) {
+LineVector<uint32_t> as_pairs(const BFloat16* m, int64_t rows, int64_t n, int64_t ld) {
   const int64_t np = (n + 1) / 2;
-  std::vector<uint32_t> out(rows * np, 0u);
+  LineVector<uint32_t> out(rows * np, 0u);
   for (int64_t r = 0; r < rows; ++r) std::memcpy(out.data() + r * np, m + r * ld, n * sizeof(BFloat16));
   return out;
 }
@@ -396,11 +397,11 @@ void up_pairs(const SparseUpShape& s, Activation act, const BFloat16* x, const B
               const BFloat16* w_gate, const BFloat16* b_up, const BFloat16* b_gate, const int64_t* idx,
               BFloat16* h, int num_threads) {
   const int64_t R = s.rows_per_index, K = s.k * R, DP = s.d / 2;
-  const std::vector<uint32_t> xp = as_pairs(x, s.batch, s.d, s.x_row_stride);
+  const LineVector<uint32_t> xp = as_pairs(x, s.batch, s.d, s.x_row_stride);
   const int64_t units = (K + kPairNeurons - 1) / kPairNeurons;
 #pragma omp parallel num_threads(threads_for(s.batch * K * s.d, num_threads))
   {
-    std::vector<uint32_t> packed(bf16::packed_words(kPairNeurons, DP));
+    LineVector<uint32_t> packed(bf16::packed_words(kPairNeurons, DP));
     std::vector<float> up(s.batch * kPairNeurons), gate(w_gate ? s.batch * kPairNeurons : 0);
     const BFloat16* rows[kPairNeurons];
 #pragma omp for schedule(dynamic, 1)
@@ -432,11 +433,11 @@ void up_pairs(const SparseUpShape& s, Activation act, const BFloat16* x, const B
 void down_pairs(const SparseDownShape& s, const BFloat16* h, const BFloat16* w, const BFloat16* bias,
                 const int64_t* idx, BFloat16* y, int num_threads) {
   const int64_t R = s.rows_per_index, K = s.k * R, KP = (K + 1) / 2;
-  const std::vector<uint32_t> hp = as_pairs(h, s.batch, K, s.h_row_stride);
+  const LineVector<uint32_t> hp = as_pairs(h, s.batch, K, s.h_row_stride);
   const int64_t slices = (s.d + kColumns - 1) / kColumns;
 #pragma omp parallel num_threads(threads_for(s.batch * K * s.d, num_threads))
   {
-    std::vector<uint32_t> packed(bf16::packed_words(kColumns, kPairRows / 2));
+    LineVector<uint32_t> packed(bf16::packed_words(kColumns, kPairRows / 2));
     std::vector<float> acc(s.batch * kColumns);
     std::vector<const BFloat16*> rows(kPairRows);
 #pragma omp for schedule(static)
