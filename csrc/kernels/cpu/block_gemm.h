@@ -20,6 +20,7 @@
 
 #include "effx/dtype.h"
 #include "half_bits.h"
+#include "line_aligned.h"
 
 namespace effx {
 namespace cpu {
@@ -30,8 +31,9 @@ template <typename T> struct MatA { const T* p; int64_t sm, sk; };
 template <typename T> struct MatB { const T* p; int64_t sk, sn; };
 template <typename T> struct MatC { T* p; int64_t sm, sn; };
 
-// Packed panels of one thread; grown once, reused by every block it computes.
-template <typename Acc> struct Workspace { std::vector<Acc> a, b; };
+// Packed panels of one thread; grown once, reused by every block it computes. On cache lines:
+// the micro-kernel loads them a vector at a time.
+template <typename Acc> struct Workspace { LineVector<Acc> a, b; };
 
 // Accumulation type of a storage type: fp32, except fp64 for fp64.
 template <typename T> struct AccOf { using type = float; };
