@@ -333,7 +333,8 @@ void vector_gemm(int64_t M, int64_t N, int64_t p_begin, int64_t p_end, int64_t K
 // (a half panel: the packed layout's rows of 32 words are B tiles at a 128-byte stride), and
 // 16 x 16 fp32 of C. Each step of 16 pairs multiplies 32 rows (A tiles 4, 5) by a whole
 // panel (B tiles 6, 7) into four C tiles (0-3). Edge blocks of fewer than 32 rows run on a
-// zero-padded copy of their rows; the pairs past the last multiple of 16 go to the vectors.
+// zero-padded copy of their rows (as do rows off cache lines); the pairs past the last multiple
+// of 16 go to the vectors.
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
