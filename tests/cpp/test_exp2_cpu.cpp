@@ -1,5 +1,5 @@
 // effx C++ test: the base-2 exponential of the CPU attention engine's softmax (exp2_nonpositive
-// in attention_engine.inc, exp2_avx512.h) in every instruction-set variant this CPU runs,
+// in attention_engine.inc, avx512_math.h) in every instruction-set variant this CPU runs,
 // through exp2_shifted_sum, against exp2 in double: every 256th fp32 in [-1, 0], a million
 // random points of [-126, 0], the subnormal range and the special values. Normal results are
 // within 1 ulp (2 where the variant has no FMA); below 2^-126 a variant may flush to zero.

@@ -28,7 +28,7 @@
 #include "bf16_gemm.h"
 #include "block_gemm.h"
 #include "effx/attention.h"
-#include "exp2_avx512.h"
+#include "avx512_math.h"
 #include "line_aligned.h"
 
 namespace effx {
