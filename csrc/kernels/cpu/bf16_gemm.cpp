@@ -366,9 +366,12 @@ EFFX_AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t KP, int64_t terms, c
     bool staged = mr < 2 * kTile || lda % kTile != 0;
     for (int64_t t = 0; t < terms && !staged; ++t) staged = reinterpret_cast<uintptr_t>(rows_of(t)) % 64 != 0;
     if (staged) {
-      edge.assign(terms * 2 * kTile * kp, 0u);
-      for (int64_t t = 0; t < terms; ++t)
-        for (int64_t r = 0; r < mr; ++r) std::memcpy(edge.data() + (t * 2 * kTile + r) * kp, rows_of(t) + r * lda, kp * 4);
+      edge.resize(terms * 2 * kTile * kp);
+      for (int64_t t = 0; t < terms; ++t) {
+        uint32_t* block = edge.data() + t * 2 * kTile * kp;
+        for (int64_t r = 0; r < mr; ++r) std::memcpy(block + r * kp, rows_of(t) + r * lda, kp * 4);
+        std::fill(block + mr * kp, block + 2 * kTile * kp, 0u);  // the rows past an edge block's last
+      }
       la = kp;
     }
     const bool two = mr > kTile;
