@@ -119,9 +119,12 @@ void check_shapes() {
   check_all_dtypes({150, 20, 3, 5, 20, 4, 3, 103}, 2);        // l past a vector: the P2 transpose
   check_all_dtypes({1, 1, 1, 1, 1, 1, 1, 1}, 2);               // the smallest shape
   // bf16 on pairs (AVX512_BF16 / AMX): reductions of 18 pairs (a tile's 16 and 2 on vectors)
-  // and 10, a last tile of 36 rows; whole 32-pair reductions and a last tile of 6 rows.
+  // and 10; whole 32-pair reductions. Fewer row tiles than threads (these, and 300 rows over 4
+  // threads above) run the forward with the threads sharing a tile's columns, each block packed
+  // a chunk of columns at a time (q = 160: two chunks); 300 rows over 2 threads run whole tiles.
   check_all_dtypes({100, 4, 40, 36, 8, 22, 20, 150}, 2);
   check_all_dtypes({70, 2, 64, 64, 2, 64, 64, 128}, 2);
+  check_all_dtypes({40, 2, 160, 4, 4, 6, 80, 8}, 2);
   // The bf16 backward with an odd last tile (17 rows: a zero pair half in the weight gradients'
   // reductions) and two blocks over three threads (products split by column panels).
   check_all_dtypes({81, 2, 48, 40, 2, 96, 48, 82}, 3);

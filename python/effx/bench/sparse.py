@@ -76,7 +76,7 @@ def _cases(device: torch.device, quick: bool):
             yield 1024, 2752, True, "silu", torch.bfloat16, (1, 4), (0.1, 0.5)
             return
         densities = (0.1, 0.25, 0.5, 1.0)
-        yield 4096, 11008, True, "silu", torch.bfloat16, (1, 4, 16), densities  # Llama-7B SwiGLU
+        yield 4096, 14336, True, "silu", torch.bfloat16, (1, 4, 16), densities  # Llama-3-8B SwiGLU
         yield 4096, 16384, False, "relu", torch.bfloat16, (1, 4, 16), (0.05, 0.1, 0.5)  # OPT-6.7B ReLU
 
 
