@@ -125,9 +125,13 @@ void check_shapes() {
   check_all_dtypes({100, 4, 40, 36, 8, 22, 20, 150}, 2);
   check_all_dtypes({70, 2, 64, 64, 2, 64, 64, 128}, 2);
   check_all_dtypes({40, 2, 160, 4, 4, 6, 80, 8}, 2);
-  // The bf16 backward with an odd last tile (17 rows: a zero pair half in the weight gradients'
-  // reductions) and two blocks over three threads (products split by column panels).
-  check_all_dtypes({81, 2, 48, 40, 2, 96, 48, 82}, 3);
+  // One tile's bf16 backward packs each weight a chunk of columns at a time: 136 columns in every
+  // product (two chunks) and in the weight gradients; 25 rows, a zero pair half in the weight
+  // gradients' reductions.
+  check_all_dtypes({25, 2, 136, 136, 2, 6, 136, 272}, 2);
+  // The many-tile bf16 backward with an odd last tile (273 rows: 17 in the last) and two blocks
+  // over three threads (products split by column panels).
+  check_all_dtypes({273, 2, 48, 40, 2, 96, 48, 82}, 3);
 }
 
 }  // namespace

@@ -248,15 +248,24 @@ std::pair<int64_t, int64_t> column_chunk(int64_t N, int64_t chunks, int64_t ch) 
 // (n = 4096 in 4 blocks) are 256 KiB, which stay in L2 for the product that follows.
 constexpr int64_t kSharedPackColumns = 128;
 
-// out[:, cols) of one stage for the few-rows forward: `a` holds nt rows of KP pairs at stride lda
-// (words), the block's weight rows (its output columns) start at w with 2 KP bf16 each; every
-// kSharedPackColumns columns are packed into this thread's buffer just before their product.
-void shared_stage_item(int64_t nt, int64_t KP, const uint32_t* a, int64_t lda, const BFloat16* w, int64_t c0,
-                       int64_t c1, float* c, int64_t ldc) {
+// How a weight block lies for a product over pairs of its reduction: kColumns, output column
+// j's 2 KP values contiguous at w + j * ld (pack_columns); kRows, reduction row k's output
+// values contiguous at w + k * ld (pack_rows).
+enum class Layout { kColumns, kRows };
+
+// c[t * ldc + j] = sum_p a_t[p] . w[p][j] for t < nt, j in [c0, c1): one product of the few-rows
+// passes, whose rows `a` are nt rows of KP pairs at stride lda (words). Every kSharedPackColumns
+// columns of the weight block are packed into this thread's buffer just before their product.
+void shared_product(int64_t nt, int64_t KP, const uint32_t* a, int64_t lda, const BFloat16* w, int64_t ldw,
+                    Layout layout, int64_t c0, int64_t c1, float* c, int64_t ldc) {
   uint32_t* packed = scratch<uint32_t, struct MonarchChunkPairs>(bf16::packed_words(kSharedPackColumns, KP));
   for (int64_t j0 = c0; j0 < c1; j0 += kSharedPackColumns) {
     const int64_t nj = std::min(kSharedPackColumns, c1 - j0);
-    bf16::pack_columns(nj, KP, w + j0 * 2 * KP, 2 * KP, packed);
+    if (layout == Layout::kColumns) {
+      bf16::pack_columns(nj, KP, w + j0 * ldw, ldw, packed);
+    } else {
+      bf16::pack_rows(2 * KP, nj, w + j0, ldw, packed);
+    }
     bf16::gemm(nt, nj, KP, a, lda, packed, 1.0f, c + j0, ldc, false);
   }
 }
@@ -283,8 +292,8 @@ void forward_bf16_pairs_shared(const MonarchShape& m, const BFloat16* x, const B
     for (int64_t item = 0; item < m.k * c1; ++item) {
       const int64_t i = item / c1;
       const auto [a0, a1] = column_chunk(m.q, c1, item % c1);
-      shared_stage_item(nt, m.p / 2, xp + i * m.p / 2, m.x_row_stride / 2, w1 + i * m.q * m.p, a0, a1,
-                        out1 + i * m.q, n_mid);
+      shared_product(nt, m.p / 2, xp + i * m.p / 2, m.x_row_stride / 2, w1 + i * m.q * m.p, m.p, Layout::kColumns,
+                     a0, a1, out1 + i * m.q, n_mid);
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < nt; ++t) bf16::transpose_to_bf16(m.l, m.r, out1 + t * n_mid, z + t * n_mid);
@@ -292,8 +301,8 @@ void forward_bf16_pairs_shared(const MonarchShape& m, const BFloat16* x, const B
     for (int64_t item = 0; item < m.l * c2; ++item) {
       const int64_t j = item / c2;
       const auto [d0, d1] = column_chunk(m.s, c2, item % c2);
-      shared_stage_item(nt, m.r / 2, zp + j * m.r / 2, n_mid / 2, w2 + j * m.s * m.r, d0, d1, out2 + j * m.s,
-                        n_out);
+      shared_product(nt, m.r / 2, zp + j * m.r / 2, n_mid / 2, w2 + j * m.s * m.r, m.r, Layout::kColumns, d0, d1,
+                     out2 + j * m.s, n_out);
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < nt; ++t) {
@@ -315,7 +324,7 @@ bool forward_bf16_pairs(const MonarchShape& m, const BFloat16* x, const BFloat16
   const int64_t tile = std::min(kPairTileRows, m.rows);
   const int64_t tiles = (m.rows + tile - 1) / tile;
   const int threads = threads_for(m, num_threads);
-  if (tiles < threads) {
+  if (tiles < threads || tiles == 1) {
     forward_bf16_pairs_shared(m, x, w1, w2, out, threads);
     return true;
   }
@@ -358,6 +367,86 @@ bool forward_bf16_pairs(const MonarchShape& m, const BFloat16* x, const BFloat16
 // and 64 pairs of them keep the dot products near their peak (32 lose about an eighth).
 constexpr int64_t kPairBackwardTileRows = 128;
 
+// backward_bf16_pairs for one row tile (up to kPairBackwardTileRows tokens), in the passes of
+// the many-tile path but with every weight read once, packed a chunk of columns at a time as
+// its product needs it (forward_bf16_pairs_shared), and each weight gradient rounded to bf16
+// from a chunk's fp32 products while they are in cache: one tile adds nothing to them later.
+// Packing all weights and keeping fp32 gradients of every weight moved each byte of them
+// several times (16 rows on a 2-core Zen 4, interleaved: n = 8192 in 4 blocks 123-129 -> 43-49
+// ms, n = 4096 in 16 blocks 1.4-4.0 -> 0.95-1.24 ms).
+void backward_bf16_pairs_shared(const MonarchShape& m, const BFloat16* dout, const BFloat16* x, const BFloat16* w1,
+                                const BFloat16* w2, BFloat16* dx, BFloat16* dw1, BFloat16* dw2, int threads) {
+  const int64_t n_in = m.n_in(), n_mid = m.n_mid(), n_out = m.n_out(), xs = m.x_row_stride, nt = m.rows;
+  float* mid = scratch<float, struct MonarchMid>(nt * n_mid);  // out1, then dz
+  float* dxf = scratch<float, struct MonarchGradX>(nt * n_in);
+  BFloat16* z = scratch<BFloat16, struct MonarchZ>(nt * n_mid);
+  BFloat16* g = scratch<BFloat16, struct MonarchGradOut>(nt * n_out);
+  BFloat16* dmid = scratch<BFloat16, struct MonarchGradMid>(nt * n_mid);
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x);
+  const uint32_t* gp = reinterpret_cast<const uint32_t*>(g);
+  const uint32_t* dmidp = reinterpret_cast<const uint32_t*>(dmid);
+  const int64_t cq = column_chunks(m.k, m.q, threads), cr = column_chunks(m.l, m.r, threads);
+  const int64_t cp = column_chunks(m.k, m.p, threads);
+  const int64_t dx_items = m.k * cp, dw1_items = m.k * cp, dw2_items = m.l * cr;
+  // u^T v for a weight gradient's columns [c0, c1), M rows, written as bf16 rows at dst (ld).
+  auto gradient = [&](int64_t M, const BFloat16* u, int64_t ldu, const BFloat16* v, int64_t ldv, int64_t c0,
+                      int64_t c1, BFloat16* dst, int64_t ld) {
+    const int64_t pairs = (nt + 1) / 2;
+    uint32_t* at = scratch<uint32_t, struct MonarchTokenPairsA>(M * pairs);
+    uint32_t* bt = scratch<uint32_t, struct MonarchTokenPairsB>(bf16::packed_words(kSharedPackColumns, pairs));
+    float* c = scratch<float, struct MonarchGradChunk>(M * kSharedPackColumns);
+    for (int64_t j0 = c0; j0 < c1; j0 += kSharedPackColumns) {
+      const int64_t nj = std::min(kSharedPackColumns, c1 - j0);
+      bf16::gemm_tokens(nt, M, nj, u, ldu, v + j0, ldv, at, bt, c, nj, false);
+      for (int64_t row = 0; row < M; ++row) bf16::round_to_bf16(c + row * nj, nj, nj, dst + row * ld + j0);
+    }
+  };
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < m.k * cq; ++item) {  // out1[t, i*q + a] = x[t, i*p + :] . w1[i, a, :]
+      const int64_t i = item / cq;
+      const auto [a0, a1] = column_chunk(m.q, cq, item % cq);
+      shared_product(nt, m.p / 2, xp + i * m.p / 2, xs / 2, w1 + i * m.q * m.p, m.p, Layout::kColumns, a0, a1,
+                     mid + i * m.q, n_mid);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < nt; ++t) {
+      bf16::transpose_to_bf16(m.l, m.r, mid + t * n_mid, z + t * n_mid);
+      bf16::transpose(m.l, m.s, dout + t * n_out, g + t * n_out);
+    }
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < m.l * cr; ++item) {  // dz[t, j*r + c] = sum_d g[t, j*s + d] w2[j, d, c]
+      const int64_t j = item / cr;
+      const auto [c0, c1] = column_chunk(m.r, cr, item % cr);
+      shared_product(nt, m.s / 2, gp + j * m.s / 2, n_out / 2, w2 + j * m.s * m.r, m.r, Layout::kRows, c0, c1,
+                     mid + j * m.r, n_mid);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < nt; ++t) bf16::transpose_to_bf16(m.r, m.l, mid + t * n_mid, dmid + t * n_mid);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < dx_items + dw1_items + dw2_items; ++item) {
+      if (item < dx_items) {  // dx[t, i*p + b] = sum_a dmid[t, i*q + a] w1[i, a, b]
+        const int64_t i = item / cp;
+        const auto [b0, b1] = column_chunk(m.p, cp, item % cp);
+        shared_product(nt, m.q / 2, dmidp + i * m.q / 2, n_mid / 2, w1 + i * m.q * m.p, m.p, Layout::kRows, b0, b1,
+                       dxf + i * m.p, n_in);
+        for (int64_t t = 0; t < nt; ++t) {
+          bf16::round_to_bf16(dxf + t * n_in + i * m.p + b0, b1 - b0, b1 - b0, dx + t * n_in + i * m.p + b0);
+        }
+      } else if (item < dx_items + dw1_items) {  // dw1[i, a, b] = sum_t dmid[t, i*q + a] x[t, i*p + b]
+        const int64_t i = (item - dx_items) / cp;
+        const auto [b0, b1] = column_chunk(m.p, cp, (item - dx_items) % cp);
+        gradient(m.q, dmid + i * m.q, n_mid, x + i * m.p, xs, b0, b1, dw1 + i * m.q * m.p, m.p);
+      } else {  // dw2[j, d, c] = sum_t g[t, j*s + d] z[t, j*r + c]
+        const int64_t j = (item - dx_items - dw1_items) / cr;
+        const auto [c0, c1] = column_chunk(m.r, cr, (item - dx_items - dw1_items) % cr);
+        gradient(m.s, g + j * m.s, n_out, z + j * m.r, n_mid, c0, c1, dw2 + j * m.s * m.r, m.r);
+      }
+    }
+  }
+}
+
 // The bf16 backward on bf16 pairs, where forward_bf16_pairs runs and q and s are even too. Per
 // row tile: stage 1 again (fp32 out1, bf16 z as in the forward); the incoming gradient out of
 // the P2 order into bf16 g [t][l][s]; dz = g W2 block by block into fp32 [t][l][r], and P1
@@ -371,6 +460,10 @@ bool backward_bf16_pairs(const MonarchShape& m, const BFloat16* dout, const BFlo
   if (m.p % 2 != 0 || m.q % 2 != 0 || m.r % 2 != 0 || m.s % 2 != 0 ||
       !bf16::rows_as_pairs(x, m.rows, m.x_row_stride) || reinterpret_cast<uintptr_t>(dout) % 4 != 0) {
     return false;
+  }
+  if (m.rows <= kPairBackwardTileRows) {
+    backward_bf16_pairs_shared(m, dout, x, w1, w2, dx, dw1_out, dw2_out, threads_for(m, num_threads));
+    return true;
   }
   const int64_t n_in = m.n_in(), n_mid = m.n_mid(), n_out = m.n_out(), xs = m.x_row_stride;
   const int64_t pw1 = bf16::packed_words(m.q, m.p / 2);   // w1 for stage 1: columns a, pairs along b
