@@ -255,7 +255,7 @@ class KVCache(abc.ABC):
     def _check_capacity(self, name: str, layer: int, added: torch.Tensor | int) -> None:
         held = self._held(layer)
         if isinstance(added, int):
-            if int(held.max()) + added <= self.capacity:
+            if max(held.tolist()) + added <= self.capacity:  # a list: cheaper than a tensor op here
                 return
             added = torch.full_like(held, added)
         over = held + added > self.capacity
@@ -290,14 +290,16 @@ def _tokens_at(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _store_tokens(pairs, offsets: torch.Tensor, counts: torch.Tensor | int) -> None:
     """For each (storage [B, H, C, ...], new [B, H, T, ...]): copy row b's first counts[b] new
-    tokens (all rows: counts, an int) to slots offsets[b] + (0, 1, ...). Both on the host."""
-    n = int(offsets[0])
-    if isinstance(counts, int) or bool((counts == counts[0]).all()):
-        tn = counts if isinstance(counts, int) else int(counts[0])
-        if bool((offsets == n).all()):
-            for storage, new in pairs:
-                storage[:, :, n:n + tn] = new[:, :, :tn]
-            return
+    tokens (all rows: counts, an int) to slots offsets[b] + (0, 1, ...). Both on the host. The
+    uniform case (every decode step) is told apart on Python lists: each tensor operation on
+    these few host numbers costs more than the list."""
+    offs = offsets.tolist()
+    sizes = [counts] if isinstance(counts, int) else counts.tolist()
+    if min(sizes) == max(sizes) and min(offs) == max(offs):
+        n, tn = offs[0], sizes[0]
+        for storage, new in pairs:
+            storage.narrow(2, n, tn).copy_(new.narrow(2, 0, tn))
+        return
     if isinstance(counts, int):
         counts = torch.full_like(offsets, counts)
     # Ragged rows: scatter each row's valid tokens after its own length.
@@ -555,7 +557,7 @@ class H2OCache(KVCache):
     def _check_capacity(self, name: str, layer: int, added: torch.Tensor | int) -> None:
         # A step that does not fit is streamed: each chunk must fit after an eviction.
         most = added if isinstance(added, int) else int(added.max())
-        self._resolve_budget(int(self._host_lengths[layer].max()) + most)
+        self._resolve_budget(max(self._host_lengths[layer].tolist()) + most)
         if self.heavy + self.recent + min(most, self.prefill_chunk) <= self.capacity:
             return
         super()._check_capacity(name, layer, added)
@@ -566,13 +568,13 @@ class H2OCache(KVCache):
                                               parents, True, self.sm_scale)
 
     def _store(self, layer, k_new, v_new, added) -> None:
-        """Copy new tokens after each row's held slots, with their stream positions."""
-        held, seen = self._host_held[layer], self._host_lengths[layer]
-        tn = k_new.shape[2]
-        steps = torch.arange(tn, device=self.device)
-        pos = (seen.to(self.device)[:, None] + steps)[:, None, :].expand(-1, self.num_kv_heads, -1)
-        _store_tokens([(self.k[layer], k_new), (self.v[layer], v_new), (self._positions[layer], pos)], held, added)
-        self._state[layer] += torch.stack([added, added], 1).to(self.device)
+        """Copy new tokens after each row's held slots, with their stream positions (from the
+        seen counts already on the device: no host-to-device copy per step)."""
+        steps = torch.arange(k_new.shape[2], device=self.device)
+        pos = (self._state[layer][:, 1:] + steps)[:, None, :].expand(-1, self.num_kv_heads, -1)
+        _store_tokens([(self.k[layer], k_new), (self.v[layer], v_new), (self._positions[layer], pos)],
+                      self._host_held[layer], added)
+        self._state[layer] += added if isinstance(added, int) else added.to(self.device)[:, None]
         self._host_held[layer] += added
 
     def _evict(self, layer) -> None:
@@ -581,11 +583,23 @@ class H2OCache(KVCache):
         self._host_held[layer].clamp_(max=self.heavy + self.recent)
 
     def _attend_and_store(self, layer, q, k_new, v_new, new_lengths, added, window):
+        tn = k_new.shape[2]
+        if isinstance(added, int) and tn <= self.prefill_chunk:
+            # A uniform step of one chunk (every decode step): the loop below, without its
+            # per-chunk host bookkeeping.
+            self._resolve_budget(added)
+            if max(self._host_held[layer].tolist()) + added > self.capacity:
+                self._evict(layer)
+            out, lse = torch.ops.effx.h2o_attention(q, k_new, v_new, self.k[layer], self.v[layer],
+                                                    self._state[layer][:, 0], None, None, self._scores[layer], True,
+                                                    self.sm_scale)
+            self._store(layer, k_new, v_new, added)
+            self._evict(layer)
+            return out, lse
         if isinstance(added, int):
             added = torch.full((self.batch_size,), added, dtype=torch.int64)
         self._resolve_budget(int(added.max()))
         outs, lses = [], []
-        tn = k_new.shape[2]
         for c0 in range(0, tn, self.prefill_chunk):
             c1 = min(tn, c0 + self.prefill_chunk)
             part = (added - c0).clamp(0, c1 - c0)

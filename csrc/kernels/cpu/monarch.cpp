@@ -270,8 +270,8 @@ void shared_product(int64_t nt, int64_t KP, const uint32_t* a, int64_t lda, cons
   }
 }
 
-// forward_bf16_pairs for fewer row tiles than threads (one tile: decode batches of 16 to 128
-// tokens): the threads share the tile, each stage split by weight blocks and column chunks, and
+// forward_bf16_pairs for one row tile (decode batches of 16 to 128 tokens) or fewer tiles than
+// threads: the threads share each tile, each stage split by weight blocks and column chunks, and
 // every weight is read from memory once per tile, packed a chunk at a time into L2. Packing all
 // weights up front, as the many-tile path does to reuse them across tiles, moves them three
 // times and left threads idle (16 tokens, n = 4096 in 4 blocks on a 2-core Zen 4, interleaved:
@@ -315,8 +315,8 @@ void forward_bf16_pairs_shared(const MonarchShape& m, const BFloat16* x, const B
 // CPU has them, the reductions have even lengths and x's rows start on pairs: per row tile,
 // stage 1 block by block into fp32 out1 [t][n_mid], P1 as a transpose into bf16 z [t][l][r]
 // (out1 rounded to bf16 between the stages, as on CUDA), stage 2 into fp32 out2 [t][l][s], and
-// P2 as a transpose into out. The weights are packed once per call, where every thread has a row
-// tile (else forward_bf16_pairs_shared). False where it does not apply.
+// P2 as a transpose into out. The weights are packed once per call, where there are several row
+// tiles and every thread has one (else forward_bf16_pairs_shared). False where it does not apply.
 bool forward_bf16_pairs(const MonarchShape& m, const BFloat16* x, const BFloat16* w1, const BFloat16* w2,
                         BFloat16* out, int num_threads) {
   if (m.p % 2 != 0 || m.r % 2 != 0 || !bf16::rows_as_pairs(x, m.rows, m.x_row_stride)) return false;
