@@ -270,6 +270,20 @@ void shared_product(int64_t nt, int64_t KP, const uint32_t* a, int64_t lda, cons
   }
 }
 
+// Stage 1 over nt rows of x (pairs from xp, at x's row stride), inside a parallel region, its
+// work split by weight blocks and `chunks` column chunks: out1[t, i*q + a] = x[t, i*p + :] .
+// w1[i, a, :], fp32 at stride n_mid.
+void shared_stage1(const MonarchShape& m, int64_t nt, const uint32_t* xp, const BFloat16* w1, int64_t chunks,
+                   float* out1) {
+#pragma omp for schedule(static)
+  for (int64_t item = 0; item < m.k * chunks; ++item) {
+    const int64_t i = item / chunks;
+    const auto [a0, a1] = column_chunk(m.q, chunks, item % chunks);
+    shared_product(nt, m.p / 2, xp + i * m.p / 2, m.x_row_stride / 2, w1 + i * m.q * m.p, m.p, Layout::kColumns,
+                   a0, a1, out1 + i * m.q, m.n_mid());
+  }
+}
+
 // forward_bf16_pairs for one row tile (decode batches of 16 to 128 tokens) or fewer tiles than
 // threads: the threads share each tile, each stage split by weight blocks and column chunks, and
 // every weight is read from memory once per tile, packed a chunk at a time into L2. Packing all
@@ -288,13 +302,7 @@ void forward_bf16_pairs_shared(const MonarchShape& m, const BFloat16* x, const B
   for (int64_t t0 = 0; t0 < m.rows; t0 += tile) {
     const int64_t nt = std::min(tile, m.rows - t0);
     const uint32_t* xp = reinterpret_cast<const uint32_t*>(x + t0 * m.x_row_stride);
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < m.k * c1; ++item) {
-      const int64_t i = item / c1;
-      const auto [a0, a1] = column_chunk(m.q, c1, item % c1);
-      shared_product(nt, m.p / 2, xp + i * m.p / 2, m.x_row_stride / 2, w1 + i * m.q * m.p, m.p, Layout::kColumns,
-                     a0, a1, out1 + i * m.q, n_mid);
-    }
+    shared_stage1(m, nt, xp, w1, c1, out1);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < nt; ++t) bf16::transpose_to_bf16(m.l, m.r, out1 + t * n_mid, z + t * n_mid);
 #pragma omp for schedule(static)
@@ -403,13 +411,7 @@ void backward_bf16_pairs_shared(const MonarchShape& m, const BFloat16* dout, con
   };
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < m.k * cq; ++item) {  // out1[t, i*q + a] = x[t, i*p + :] . w1[i, a, :]
-      const int64_t i = item / cq;
-      const auto [a0, a1] = column_chunk(m.q, cq, item % cq);
-      shared_product(nt, m.p / 2, xp + i * m.p / 2, xs / 2, w1 + i * m.q * m.p, m.p, Layout::kColumns, a0, a1,
-                     mid + i * m.q, n_mid);
-    }
+    shared_stage1(m, nt, xp, w1, cq, mid);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < nt; ++t) {
       bf16::transpose_to_bf16(m.l, m.r, mid + t * n_mid, z + t * n_mid);
