@@ -455,8 +455,8 @@ void backward_bf16_pairs_shared(const MonarchShape& m, const BFloat16* dout, con
 // undone into bf16 dmid [t][k][q] (the intermediates in bf16, as on CUDA); then dx = dmid W1
 // and the weight gradients dW1 += dmid^T x, dW2 += g^T z, whose reductions run over the tile's
 // tokens (gemm_tokens), accumulated in fp32 across tiles. Threads split every product
-// by weight blocks and column panels, so no gradient needs a reduction across threads. False
-// where it does not apply.
+// by weight blocks and column panels, so no gradient needs a reduction across threads. A single
+// tile runs backward_bf16_pairs_shared. False where it does not apply.
 bool backward_bf16_pairs(const MonarchShape& m, const BFloat16* dout, const BFloat16* x, const BFloat16* w1,
                          const BFloat16* w2, BFloat16* dx, BFloat16* dw1_out, BFloat16* dw2_out, int num_threads) {
   if (m.p % 2 != 0 || m.q % 2 != 0 || m.r % 2 != 0 || m.s % 2 != 0 ||
