@@ -41,8 +41,8 @@ void forward_impl(const BlockSparseShape& s, const T* x, const T* blocks_in,
   using Acc = typename block_gemm::AccOf<T>::type;
   if (s.rows == 0) return;
   const int64_t bs = s.block, n_out = s.out_features();
-  std::vector<Acc> store;
-  const Acc* blocks = K::template weights<Acc>(blocks_in, s.nnz, bs, bs, false, store, num_threads);
+  const Acc* blocks = K::template weights<Acc>(blocks_in, s.nnz, bs, bs, false,
+                                               scratch_vector<Acc, struct PixelflyBlocksAcc>(), num_threads);
   const int64_t tile = std::min(kTileRows, s.rows);
 #pragma omp parallel num_threads(threads_for(s, num_threads))
   {
@@ -71,8 +71,8 @@ void backward_impl(const BlockSparseShape& s, const T* dout, const T* x, const T
                    int num_threads) {
   using Acc = typename block_gemm::AccOf<T>::type;
   const int64_t bs = s.block, n_out = s.out_features(), n_in = s.in_features();
-  std::vector<Acc> store;
-  const Acc* blocks_t = K::template weights<Acc>(blocks_in, s.nnz, bs, bs, true, store, num_threads);
+  const Acc* blocks_t = K::template weights<Acc>(blocks_in, s.nnz, bs, bs, true,
+                                                 scratch_vector<Acc, struct PixelflyBlocksAccT>(), num_threads);
   std::vector<int64_t> row_of(s.nnz);
   for (int64_t rb = 0; rb < s.row_blocks; ++rb)
     for (int64_t e = row_offsets[rb]; e < row_offsets[rb + 1]; ++e) row_of[e] = rb;
