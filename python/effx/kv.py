@@ -584,39 +584,28 @@ class H2OCache(KVCache):
 
     def _attend_and_store(self, layer, q, k_new, v_new, new_lengths, added, window):
         tn = k_new.shape[2]
-        if isinstance(added, int) and tn <= self.prefill_chunk:
-            # A uniform step of one chunk (every decode step): the loop below, without its
-            # per-chunk host bookkeeping.
-            self._resolve_budget(added)
-            if max(self._host_held[layer].tolist()) + added > self.capacity:
-                self._evict(layer)
-            out, lse = torch.ops.effx.h2o_attention(q, k_new, v_new, self.k[layer], self.v[layer],
-                                                    self._state[layer][:, 0], None, None, self._scores[layer], True,
-                                                    self.sm_scale)
-            self._store(layer, k_new, v_new, added)
-            self._evict(layer)
-            return out, lse
-        if isinstance(added, int):
-            added = torch.full((self.batch_size,), added, dtype=torch.int64)
-        self._resolve_budget(int(added.max()))
+        self._resolve_budget(added if isinstance(added, int) else int(added.max()))
         outs, lses = [], []
         for c0 in range(0, tn, self.prefill_chunk):
             c1 = min(tn, c0 + self.prefill_chunk)
-            part = (added - c0).clamp(0, c1 - c0)
-            if bool((self._host_held[layer] + part > self.capacity).any()):
+            # Tokens of the chunk per row: a plain int when every row has all of them (no
+            # ragged lengths), so a decode step does no tensor arithmetic on host counts.
+            part = c1 - c0 if isinstance(added, int) else (added - c0).clamp(0, c1 - c0)
+            if max((self._host_held[layer] + part).tolist()) > self.capacity:
                 self._evict(layer)
             chunk_lengths = part.to(self.device) if new_lengths is not None else None
             out, lse = torch.ops.effx.h2o_attention(
                 q[:, :, c0:c1], k_new[:, :, c0:c1], v_new[:, :, c0:c1], self.k[layer], self.v[layer],
                 self._state[layer][:, 0], chunk_lengths, None, self._scores[layer], True, self.sm_scale)
             # The chunk's tokens are cached before the next chunk attends (their scores were set
-            # by the kernel in the slots they now fill).
+            # by the kernel in the slots they now fill; their positions follow the device's seen
+            # counts, which _store advances).
             self._store(layer, k_new[:, :, c0:c1], v_new[:, :, c0:c1], part)
-            self._host_lengths[layer] += part
             outs.append(out)
             lses.append(lse)
-        self._host_lengths[layer] -= added  # the base class advances it once for the whole step
         self._evict(layer)
+        if len(outs) == 1:
+            return outs[0], lses[0]
         return torch.cat(outs, 2), torch.cat(lses, 2)
 
     def _commit_path(self, layer, q_tree, index, k_path, v_path, new_lengths, added):
