@@ -378,6 +378,23 @@ bool forward_bf16_pairs(const MonarchShape& m, const BFloat16* x, const BFloat16
 // and 64 pairs of them keep the dot products near their peak (32 lose about an eighth).
 constexpr int64_t kPairBackwardTileRows = 128;
 
+// A bf16 backward tile's intermediates for up to `rows` tokens, this thread's buffers (both
+// variants of the backward): fp32 out1 and then dz [t][n_mid], fp32 dx [t][n_in], and bf16 z
+// [t][n_mid], g [t][n_out] and dmid [t][n_mid].
+struct BackwardTile {
+  float* mid;
+  float* dxf;
+  BFloat16* z;
+  BFloat16* g;
+  BFloat16* dmid;
+};
+
+BackwardTile backward_tile_buffers(const MonarchShape& m, int64_t rows) {
+  return {scratch<float, struct MonarchMid>(rows * m.n_mid()), scratch<float, struct MonarchGradX>(rows * m.n_in()),
+          scratch<BFloat16, struct MonarchZ>(rows * m.n_mid()), scratch<BFloat16, struct MonarchGradOut>(rows * m.n_out()),
+          scratch<BFloat16, struct MonarchGradMid>(rows * m.n_mid())};
+}
+
 // backward_bf16_pairs for one row tile (up to kPairBackwardTileRows tokens), in the passes of
 // the many-tile path but with every weight read once, packed a chunk of columns at a time as
 // its product needs it (forward_bf16_pairs_shared), and each weight gradient rounded to bf16
@@ -388,11 +405,7 @@ constexpr int64_t kPairBackwardTileRows = 128;
 void backward_bf16_pairs_shared(const MonarchShape& m, const BFloat16* dout, const BFloat16* x, const BFloat16* w1,
                                 const BFloat16* w2, BFloat16* dx, BFloat16* dw1, BFloat16* dw2, int threads) {
   const int64_t n_in = m.n_in(), n_mid = m.n_mid(), n_out = m.n_out(), xs = m.x_row_stride, nt = m.rows;
-  float* mid = scratch<float, struct MonarchMid>(nt * n_mid);  // out1, then dz
-  float* dxf = scratch<float, struct MonarchGradX>(nt * n_in);
-  BFloat16* z = scratch<BFloat16, struct MonarchZ>(nt * n_mid);
-  BFloat16* g = scratch<BFloat16, struct MonarchGradOut>(nt * n_out);
-  BFloat16* dmid = scratch<BFloat16, struct MonarchGradMid>(nt * n_mid);
+  const auto [mid, dxf, z, g, dmid] = backward_tile_buffers(m, nt);
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x);
   const uint32_t* gp = reinterpret_cast<const uint32_t*>(g);
   const uint32_t* dmidp = reinterpret_cast<const uint32_t*>(dmid);
@@ -481,11 +494,7 @@ bool backward_bf16_pairs(const MonarchShape& m, const BFloat16* dout, const BFlo
   uint32_t* w2r = scratch<uint32_t, struct MonarchW2RowPairs>(m.l * pw2r);
   float* dw1 = scratch<float, struct MonarchGradW1>(n_w1);
   float* dw2 = scratch<float, struct MonarchGradW2>(n_w2);
-  float* mid = scratch<float, struct MonarchMid>(tile * n_mid);  // out1, then dz
-  float* dxf = scratch<float, struct MonarchGradX>(tile * n_in);
-  BFloat16* z = scratch<BFloat16, struct MonarchZ>(tile * n_mid);
-  BFloat16* g = scratch<BFloat16, struct MonarchGradOut>(tile * n_out);
-  BFloat16* dmid = scratch<BFloat16, struct MonarchGradMid>(tile * n_mid);
+  const auto [mid, dxf, z, g, dmid] = backward_tile_buffers(m, tile);
   const uint32_t* gp = reinterpret_cast<const uint32_t*>(g);
   const uint32_t* dmidp = reinterpret_cast<const uint32_t*>(dmid);
   const int threads = threads_for(m, num_threads);
